@@ -1,0 +1,207 @@
+"""The ``kvmmu`` command line (click + rich).
+
+Every report command takes ``--json``. Exit codes are fixed (see
+``kvmmu --help``): 0 ok, 1 a check failed, 2 usage, 3 config error, 4 plugin
+error, 5 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from kvmmu.errors import ExitCode, KvmmuError
+
+__all__ = ["cli", "main"]
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  ok
+  1  check failed (a comparison diverged or an invariant broke)
+  2  usage error
+  3  config or scenario error
+  4  plugin error
+  5  internal error
+"""
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout (no rich markup)."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+class KvmmuGroup(click.Group):
+    """The top-level group; plugin commands are added on first lookup.
+
+    Plugins contribute commands through ``kvmmu_cli_commands``; they are
+    imported only when the command list is needed (``--help`` or an unknown
+    command name), never for the built-in commands.
+    """
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from kvmmu.plugin_host import installed_plugins, load_plugin_class
+
+        for info in installed_plugins():
+            try:
+                cls = load_plugin_class(info.name)
+            except KvmmuError:
+                continue  # `kvmmu plugins` reports import failures
+            fn = getattr(cls, "kvmmu_cli_commands", None)
+            if fn is not None:
+                before = set(self.commands)
+                fn(self)
+                clash = before & set(self.commands) - before
+                if clash:
+                    raise click.ClickException(f"plugin {info.name} redefines {sorted(clash)}")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None:
+            self._load_plugin_commands()
+            cmd = super().get_command(ctx, cmd_name)
+        return cmd
+
+
+@click.group(cls=KvmmuGroup, epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="kvmmu")
+def cli() -> None:
+    """kvmmu: an executable model of the Linux KVM x86 MMU.
+
+    Run scenarios under each vendor and kernel era, compare them, print the
+    memory-type matrix, and explore races in the fault path.
+    """
+
+
+# --------------------------------------------------------------------------
+# kvmmu plugins
+# --------------------------------------------------------------------------
+
+
+@cli.command("plugins", epilog=EXIT_CODES_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="mark plugins enabled by this config (default: the default config)",
+)
+def plugins_cmd(as_json: bool, config_path: Path | None) -> None:
+    """List installed plugins: name, kind, distribution, version, enabled."""
+    from kvmmu.config import VMConfig, load_config
+    from kvmmu.plugin_host import installed_plugins, load_plugin_class
+
+    cfg = load_config(config_path) if config_path else VMConfig()
+    enabled = {cfg.vendor, *cfg.plugins.enabled}
+    rows = []
+    for p in installed_plugins():
+        try:
+            cls = load_plugin_class(p.name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            description = doc[0] if doc else ""
+        except KvmmuError as e:
+            description = f"(cannot be imported: {e})"
+        rows.append(
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "distribution": p.distribution,
+                "version": p.version,
+                "enabled": p.name in enabled,
+                "description": description,
+            }
+        )
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="kvmmu plugins")
+    for col in ("name", "kind", "distribution", "version", "enabled", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["distribution"], r["version"],
+                      "yes" if r["enabled"] else "no", r["description"])
+    console.print(table)
+
+
+# --------------------------------------------------------------------------
+# kvmmu config validate | schema
+# --------------------------------------------------------------------------
+
+
+@cli.group("config", epilog=EXIT_CODES_HELP)
+def config_group() -> None:
+    """Validate config files and print the config schema."""
+
+
+@config_group.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_validate(file: Path) -> None:
+    """Validate FILE (a VM config or a scenario); list every problem."""
+    from kvmmu.config import load_config
+
+    try:
+        from kvmmu.scenario import is_scenario_file, load_scenario
+    except ImportError:  # scenarios are optional for plain VM configs
+        is_scenario_file = None  # type: ignore[assignment]
+    if is_scenario_file is not None and is_scenario_file(file):
+        load_scenario(file)
+    else:
+        load_config(file)
+    click.echo(f"{file}: ok")
+
+
+@config_group.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of the config, every plugin section included."""
+    from kvmmu.schema import config_json_schema
+
+    emit_json(config_json_schema())
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+
+def run_cli(fn: Callable[[], Any]) -> int:
+    """Run ``fn`` mapping kvmmu errors to exit codes and messages."""
+    try:
+        fn()
+    except KvmmuError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        return int(e.exit_code)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return int(ExitCode.USAGE if isinstance(e, click.UsageError) else e.exit_code)
+    except click.exceptions.Abort:
+        return int(ExitCode.USAGE)
+    except Exception as e:  # a bug in the model: say so, with the type
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}", highlight=False)
+        return int(ExitCode.INTERNAL)
+    return int(ExitCode.OK)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    code = run_cli(lambda: cli.main(args=argv, prog_name="kvmmu", standalone_mode=False))
+    sys.exit(code)

@@ -1,0 +1,1 @@
+"""The MMU proper: SPTE tables, the TDP MMU, the shadow MMU."""

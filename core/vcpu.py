@@ -1,0 +1,357 @@
+"""A vCPU: control registers, MSRs, and guest accesses through the MMU.
+
+``vcpu.access(gva, kind)`` is one guest memory access: the guest walk
+(reading the guest's own page tables from guest memory), the translation
+through the MMU's tables with a fault loop when the hardware would exit
+(``kvm_mmu_page_fault``), emulation when the fault path says EMULATE
+(``x86_emulate_instruction`` -> ``emulator_write_phys``), and the vendor's
+effective memory type of the bytes reached.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from kvmmu import paging
+from kvmmu.errors import GuestFault, KvmError
+from kvmmu.hostmem import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kvmmu.memtype import MemType
+    from kvmmu.vm import VM
+
+__all__ = ["AccessResult", "TraceEvent", "VCpu"]
+
+Kind = Literal["read", "write", "fetch"]
+
+#: Architectural reset values (SDM Vol 3A Table 9-1): CR0 = CD | NW | ET.
+CR0_RESET = 0x60000010
+CR0_CD = 1 << 30
+CR0_NW = 1 << 29
+MSR_IA32_CR_PAT = 0x277
+#: A fault loop that has not converged after this many exits is a model bug.
+MAX_EXITS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One access as the trace records it (``vm.trace``)."""
+
+    vcpu: int
+    kind: str
+    gva: int
+    gpa: int | None
+    hpa: int | None
+    spte: int | None
+    memtype: str | None
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccessResult:
+    """What one ``vcpu.access`` did.
+
+    ``fault`` is the exception injected into the guest (``vector``,
+    ``error_code``) or ``None``. ``emulated`` says the access went through
+    the emulator (MMIO, a write-tracked page, a READONLY slot); ``exit`` is
+    ``"mmio"`` when it reached userspace as ``KVM_EXIT_MMIO``.
+    """
+
+    data: bytes | None
+    fault: GuestFault | None
+    gpa: int | None
+    hpa: int | None
+    memtype: MemType | None
+    spte: int | None = None
+    level: int | None = None
+    emulated: bool = False
+    exit: str | None = None
+    exits: int = 0
+
+
+class VCpu:
+    """One vCPU (``struct kvm_vcpu``) with the registers the MMU reads."""
+
+    def __init__(self, vm: VM, index: int) -> None:
+        from kvmmu.memtype import PAT_DEFAULT, MtrrState
+
+        self.vm = vm
+        self.index = index
+        self.cr0 = CR0_RESET
+        self.hw_cr0 = vm.hooks.hardware_cr0(self, CR0_RESET)
+        self.cr3 = 0
+        self.cr4 = 0
+        self.efer = 0
+        self.cpl = 0
+        self.rflags_ac = False
+        self.pkru = 0
+        self.pat = PAT_DEFAULT
+        self.mtrr = MtrrState()
+        self.msrs: dict[int, int] = {}
+        self.trace: deque[TraceEvent] | None = None
+
+    # registers ------------------------------------------------------------
+    def set_sregs(
+        self,
+        *,
+        cr0: int | None = None,
+        cr3: int | None = None,
+        cr4: int | None = None,
+        efer: int | None = None,
+        cpl: int | None = None,
+    ) -> None:
+        """``KVM_SET_SREGS`` for the fields the MMU depends on.
+
+        A CR0 change goes through the vendor's hardware-CR0 rule and the
+        ``kvmmu_cr0_changed`` hook (CR0.CD zaps, spec/memtype.md §11.2); a
+        paging-mode or CR3 change reloads the MMU context (``kvm_mmu_reset_context``,
+        ``kvm_mmu_new_pgd``).
+        """
+        if cpl is not None and cpl not in (0, 1, 2, 3):
+            raise ValueError(f"cpl must be 0..3, got {cpl}")
+        old = (self.cr0, self.cr3, self.cr4, self.efer)
+        if cr4 is not None:
+            self.cr4 = cr4
+        if efer is not None:
+            self.efer = efer
+        if cr3 is not None:
+            self.cr3 = cr3
+        if cpl is not None:
+            self.cpl = cpl
+        if cr0 is not None and cr0 != self.cr0:
+            prev = self.cr0
+            self.cr0 = cr0
+            self.hw_cr0 = self.vm.hooks.hardware_cr0(self, cr0)
+            self.vm.hooks.cr0_changed(self, prev, cr0)
+        # Long mode is active when paging is on with EFER.LME (SDM Vol 3A §9.8.5).
+        if self.cr0 & paging.CR0_PG and self.efer & paging.EFER_LME:
+            self.efer |= paging.EFER_LMA
+        else:
+            self.efer &= ~paging.EFER_LMA
+        if (self.cr0, self.cr3, self.cr4, self.efer) != old:
+            reload = getattr(self.vm.mmu, "load_pgd", None)
+            if reload is not None:
+                reload(self)
+
+    def set_msr(self, index: int, value: int) -> None:
+        """``KVM_SET_MSRS`` / guest WRMSR for PAT and the MTRRs.
+
+        An invalid value is refused with ``EINVAL`` and nothing changes (the
+        guest would get #GP: ``kvm_pat_valid``, ``kvm_mtrr_valid``).
+        """
+        from kvmmu.memtype import is_mtrr_msr, pat_valid
+
+        old = self.get_msr(index)
+        if index == MSR_IA32_CR_PAT:
+            if not pat_valid(value):
+                raise KvmError(
+                    errno.EINVAL,
+                    f"PAT value {value:#018x} is invalid (each byte must be 0,1,4,5,6,7; "
+                    "the guest would get #GP)",
+                )
+            self.pat = value
+        elif is_mtrr_msr(index):
+            try:
+                self.mtrr.set_msr(index, value)
+            except GuestFault as e:
+                raise KvmError(
+                    errno.EINVAL,
+                    f"MTRR MSR {index:#x} value {value:#x} is invalid (the guest would get #GP)",
+                ) from e
+        else:
+            self.msrs[index] = value
+        self.vm.hooks.msr_written(self, index, old, value)
+
+    def get_msr(self, index: int) -> int:
+        """The MSR's current value (PAT, MTRRs, or any other stored one)."""
+        from kvmmu.memtype import is_mtrr_msr
+
+        if index == MSR_IA32_CR_PAT:
+            return self.pat
+        if is_mtrr_msr(index):
+            return int(self.mtrr.get_msr(index))
+        return self.msrs.get(index, 0)
+
+    @property
+    def paging(self) -> bool:
+        return bool(self.cr0 & paging.CR0_PG)
+
+    # guest walk -----------------------------------------------------------
+    def walk(self, gva: int, kind: Kind) -> paging.WalkResult:
+        """The guest's own walk of ``gva`` over its page tables in guest memory."""
+        return paging.walk(
+            self._read_gpte,
+            cr0=self.cr0,
+            cr3=self.cr3,
+            cr4=self.cr4,
+            efer=self.efer,
+            cpl=self.cpl,
+            access=kind,
+            gva=gva,
+            rflags_ac=self.rflags_ac,
+            pkru=self.pkru,
+            maxphyaddr=self.vm.config.host_maxphyaddr,
+        )
+
+    def _read_gpte(self, gpa: int) -> int:
+        return int.from_bytes(self.vm.read_guest(gpa, 8), "little")
+
+    def _apply_ad(self, ad_writes: dict[int, int]) -> None:
+        """Write the walk's A/D updates into the guest tables.
+
+        KVM's walker sets them with a cmpxchg through the host mapping
+        (``FNAME(update_accessed_dirty_bits)``): the page is marked dirty and
+        no page-track notifier runs.
+        """
+        for addr, value in ad_writes.items():
+            self.vm.write_guest_kvm(addr, value.to_bytes(8, "little"))
+
+    # accesses -------------------------------------------------------------
+    def access(
+        self, gva: int, kind: Kind = "read", size: int = 8, data: bytes | None = None
+    ) -> AccessResult:
+        """One guest access of ``size`` bytes at ``gva`` (split at a page boundary)."""
+        if kind not in ("read", "write", "fetch"):
+            raise ValueError(f"kind must be 'read', 'write' or 'fetch', got {kind!r}")
+        if not 1 <= size <= PAGE_SIZE:
+            raise ValueError(f"size must be 1..{PAGE_SIZE}, got {size}")
+        if kind == "write":
+            if data is None or len(data) != size:
+                raise ValueError(f"a write needs data of exactly {size} bytes")
+        elif data is not None:
+            raise ValueError("data is only for writes")
+        first = min(size, PAGE_SIZE - (gva & (PAGE_SIZE - 1)))
+        if first == size:
+            return self._access_page(gva, kind, size, data)
+        a = self._access_page(gva, kind, first, data[:first] if data else None)
+        if a.fault is not None:
+            return a
+        b = self._access_page(gva + first, kind, size - first, data[first:] if data else None)
+        joined = (a.data or b"") + (b.data or b"") if kind != "write" else None
+        return AccessResult(
+            data=joined if b.fault is None else None,
+            fault=b.fault,
+            gpa=a.gpa,
+            hpa=a.hpa,
+            memtype=a.memtype,
+            spte=a.spte,
+            level=a.level,
+            emulated=a.emulated or b.emulated,
+            exit=a.exit or b.exit,
+            exits=a.exits + b.exits,
+        )
+
+    def _access_page(
+        self, gva: int, kind: Kind, size: int, data: bytes | None
+    ) -> AccessResult:
+        from kvmmu.memtype import pat_index, pat_type
+        from kvmmu.mmu import RET_PF_EMULATE
+
+        vm = self.vm
+        mmu = vm.mmu
+        write = kind == "write"
+        fetch = kind == "fetch"
+        exits = 0
+        if mmu.shadow:
+            return mmu.access(self, gva, kind, size, data)
+        while True:
+            guest_pat = None
+            if self.cr0 & paging.CR0_PG:
+                w = self.walk(gva, kind)
+                if w.fault:
+                    vm.stats["guest_page_faults"] += 1
+                    fault = GuestFault(w.vector or 14, w.error_code, gva)
+                    self._trace(kind, gva, None, None, None, None, "guest_fault")
+                    return AccessResult(None, fault, None, None, None, exits=exits)
+                if w.ad_writes:
+                    self._apply_ad(w.ad_writes)
+                assert w.gpa is not None
+                gpa = w.gpa
+                guest_pat = pat_type(self.pat, pat_index(w.pat, w.pcd, w.pwt))
+            else:
+                gpa = gva & 0xFFFFFFFF if not self.efer & paging.EFER_LMA else gva
+            hit = mmu.translate(gpa)
+            if hit is not None and mmu.access_allowed(hit[0], write, fetch, self.cpl == 3):
+                spte, level = hit
+                hpa = mmu.spte_hpa(spte, level, gpa)
+                out = self._touch(hpa, size, data)
+                mmu.hw_mark_accessed(gpa, write)
+                memtype = vm.hooks.effective_memtype(self, spte, guest_pat, hpa)
+                self._trace(kind, gva, gpa, hpa, spte, memtype.name, "ok")
+                vm.stats["accesses"] += 1
+                return AccessResult(out, None, gpa, hpa, memtype, spte, level, exits=exits)
+            exits += 1
+            if exits > MAX_EXITS:
+                raise KvmError(errno.EFAULT, f"fault on gpa {gpa:#x} did not converge")
+            error_code = mmu.fault_error_code(hit, write, fetch, self.cpl == 3)
+            r = mmu.page_fault(self, gpa, error_code)
+            if r == RET_PF_EMULATE:
+                return self._emulate(gva, gpa, kind, size, data, exits)
+
+    def _touch(self, hpa: int, size: int, data: bytes | None) -> bytes | None:
+        host = self.vm.host
+        if data is not None:
+            host.write_phys(hpa, data)
+            return None
+        return host.read_phys(hpa, size)
+
+    def _emulate(
+        self, gva: int, gpa: int, kind: Kind, size: int, data: bytes | None, exits: int
+    ) -> AccessResult:
+        """``x86_emulate_instruction`` for one access (spec/kvm-mmu.md §2.3 item 5).
+
+        No memslot, or a write to a READONLY slot: MMIO, offered to the
+        devices and otherwise an exit to userspace (``KVM_EXIT_MMIO``; an
+        unclaimed read returns all-ones, as an unbacked bus does). Otherwise
+        (a write-tracked or shadowed page): ``emulator_write_phys`` writes the
+        bytes into guest memory first, then ``kvm_page_track_write`` runs.
+        """
+        vm = self.vm
+        vm.stats["emulated_accesses"] += 1
+        slot = vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        write = kind == "write"
+        if slot is None or slot.is_invalid or (write and slot.is_readonly):
+            vm.stats["mmio_exits" if write else "mmio_reads"] += 1
+            if write:
+                assert data is not None
+                claimed = vm.hooks.mmio_write(gpa, data)
+                out = None
+            else:
+                got = vm.hooks.mmio_read(gpa, size)
+                claimed = got is not None
+                out = got if got is not None else b"\xff" * size
+            self._trace(kind, gva, gpa, None, None, None, "mmio")
+            return AccessResult(out, None, gpa, None, None, emulated=True,
+                                exit=None if claimed else "mmio", exits=exits)
+        if write:
+            assert data is not None
+            vm.stats["emulated_writes"] += 1
+            vm.write_guest_kvm(gpa, data)
+            self._trace(kind, gva, gpa, None, None, None, "emulated")
+            vm.page_track.track_write(gpa, data)
+            return AccessResult(None, None, gpa, None, None, emulated=True, exits=exits)
+        out = vm.read_guest(gpa, size)
+        self._trace(kind, gva, gpa, None, None, None, "emulated")
+        return AccessResult(out, None, gpa, None, None, emulated=True, exits=exits)
+
+    # tracing --------------------------------------------------------------
+    def enable_trace(self, maxlen: int = 4096) -> deque[TraceEvent]:
+        """Record a :class:`TraceEvent` per access (the last ``maxlen``)."""
+        self.trace = deque(maxlen=maxlen)
+        return self.trace
+
+    def _trace(self, kind: str, gva: int, gpa: int | None, hpa: int | None,
+               spte: int | None, memtype: str | None, outcome: str) -> None:
+        if self.trace is not None:
+            self.trace.append(TraceEvent(self.index, kind, gva, gpa, hpa, spte, memtype, outcome))
+
+    def __repr__(self) -> str:
+        return f"VCpu({self.index}, cr0={self.cr0:#x}, cr3={self.cr3:#x}, cr4={self.cr4:#x})"
+
+    def state(self) -> dict[str, Any]:
+        """Registers as a JSON-friendly dict."""
+        return {"index": self.index, "cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4,
+                "efer": self.efer, "cpl": self.cpl, "pat": self.pat}

@@ -1,0 +1,316 @@
+"""The VM: host memory, memslots, page tracking, the MMU, vCPUs and plugins.
+
+Its methods are modelled on KVM's VM ioctls and kernel entry points; each
+names the one it models.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kvmmu.config import VMConfig, parse_config
+from kvmmu.era import KernelVersion
+from kvmmu.errors import KvmError
+from kvmmu.hooks import Hooks
+from kvmmu.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from kvmmu.memslot import Memslot, MemslotChange, Memslots
+from kvmmu.page_track import PageTrack
+from kvmmu.plugin_host import PluginHost, resolve_plugins
+from kvmmu.quirks import QUIRKS, supported_quirks
+from kvmmu.vcpu import VCpu
+
+__all__ = ["VM"]
+
+
+class VM:
+    """One KVM VM (``KVM_CREATE_VM``) with its plugins.
+
+    ``VM(config)`` takes a :class:`VMConfig`, a mapping with the same shape,
+    or ``None`` for the defaults (VMX, TDP, the newest era, one vCPU).
+    """
+
+    def __init__(self, config: VMConfig | Mapping[str, Any] | None = None) -> None:
+        if config is None:
+            cfg = VMConfig()
+        elif isinstance(config, VMConfig):
+            cfg = config
+        else:
+            cfg = parse_config(dict(config))
+        self.config = cfg
+        self.era = KernelVersion(cfg.era)
+        self.quirks = self._quirk_mask(cfg)
+        self.stats: Counter[str] = Counter()
+        self.noncoherent_dma_count = 0
+        self.host = HostMemory(maxphyaddr=cfg.host_maxphyaddr)
+        self.memslots = Memslots()
+        self.page_track = PageTrack(self)
+        self.plugins = PluginHost()
+        self.hooks = Hooks(self, self.plugins)
+        self.vcpus: list[VCpu] = []
+        for rp in resolve_plugins(cfg):
+            self.plugins.register(rp.cls(self, rp.config), rp.name)
+        self.spte_format = self.hooks.spte_format()
+        self.mmu = self._make_mmu()
+        self.host.register_notifier(self.mmu)
+        for i in range(cfg.vcpus):
+            self.create_vcpu(i)
+        self.hooks.vm_init()
+
+    # construction -------------------------------------------------------
+    @staticmethod
+    def _quirk_mask(cfg: VMConfig) -> int:
+        """Quirks on by default; disabling one needs it in ``supported_quirks``.
+
+        ``KVM_CAP_DISABLE_QUIRKS2`` refuses unsupported bits with ``EINVAL``
+        (spec/memtype.md §11.4); from 6.16 ``IGNORE_GUEST_PAT`` is unsupported
+        without host self-snoop, so it cannot be disabled there.
+        """
+        era = KernelVersion(cfg.era)
+        present = supported_quirks(era, self_snoop=True)
+        supported = supported_quirks(era, self_snoop=cfg.host_self_snoop)
+        mask = present
+        for name, enabled in cfg.quirks.items():
+            bit = QUIRKS[name][0]
+            if enabled:
+                if not bit & present:
+                    raise KvmError(
+                        errno.EINVAL, f"quirk {name!r} does not exist in kernel {era}"
+                    )
+                continue
+            if not bit & supported:
+                why = "host CPU lacks self-snoop" if bit & present else f"not in kernel {era}"
+                raise KvmError(
+                    errno.EINVAL,
+                    f"KVM_CAP_DISABLE_QUIRKS2: quirk {name!r} cannot be disabled ({why})",
+                )
+            mask &= ~bit
+        return mask
+
+    def _make_mmu(self) -> Any:
+        if self.config.tdp:
+            from kvmmu.mmu import TdpMmu
+
+            return TdpMmu(self)
+        from kvmmu.mmu.shadow import ShadowMmu
+
+        return ShadowMmu(self)
+
+    def create_vcpu(self, index: int | None = None) -> VCpu:
+        """``KVM_CREATE_VCPU``."""
+        vcpu = VCpu(self, len(self.vcpus) if index is None else index)
+        self.vcpus.append(vcpu)
+        self.hooks.vcpu_create(vcpu)
+        return vcpu
+
+    def has_quirk(self, bit: int) -> bool:
+        """``kvm_check_has_quirk``: the quirk is enabled (not disabled by userspace)."""
+        return bool(self.quirks & bit)
+
+    def plugin(self, name: str) -> Any:
+        """The registered plugin object called ``name``."""
+        obj = self.plugins.get(name)
+        if obj is None:
+            raise KeyError(f"no plugin {name!r}; registered: {self.plugins.names()}")
+        return obj
+
+    def destroy(self) -> None:
+        """Tear the VM down (``kvm_destroy_vm``): plugins release first."""
+        self.hooks.vm_destroy()
+        self.mmu.zap_all_fast()
+
+    # memslots -----------------------------------------------------------
+    def set_user_memory_region(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (v1 struct; spec/kvm-mmu.md §1.3)."""
+        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                region2=False)
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd: int = 0,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (6.8+; guest_memfd is not modelled)."""
+        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                region2=True, guest_memfd=guest_memfd,
+                                guest_memfd_offset=guest_memfd_offset)
+
+    def _set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int, *,
+                           region2: bool, guest_memfd: int = 0,
+                           guest_memfd_offset: int = 0) -> None:
+        """``kvm_set_memory_region`` -> ``kvm_set_memslot`` (KM-new).
+
+        Every check runs before anything changes; a plugin may veto in
+        ``kvmmu_memslot_prepare`` (``kvm_arch_prepare_memory_region``). DELETE
+        and MOVE install an INVALID copy, zap the old range
+        (``kvm_arch_flush_shadow_memslot``), and DELETE tells page-track
+        notifiers (``kvm_page_track_delete_slot``), then the change commits and
+        the generation moves (spec/kvm-mmu.md §1.4, §2.5).
+        """
+        prep = self.memslots.prepare(
+            slot, flags, gpa, size, hva, region2=region2, guest_memfd=guest_memfd,
+            guest_memfd_offset=guest_memfd_offset, max_gfn=self.mmu.max_gfn,
+        )
+        if prep.change is None:
+            return
+        old, new, change = prep.old, prep.new, prep.change
+        self.hooks.memslot_prepare(old, new, change)
+        if change in (MemslotChange.DELETE, MemslotChange.MOVE):
+            assert old is not None
+            self.memslots.install_invalid(prep)
+            self.mmu.flush_shadow_memslot(old)
+            if change is MemslotChange.DELETE:
+                self.page_track.remove_region(old)
+        committed = self.memslots.commit(prep)
+        self.mmu.slot_apply_flags(old, committed, change)
+        self.hooks.memslot_commit(old, committed, change)
+
+    def get_dirty_log(self, slot: int, as_id: int = 0) -> np.ndarray:
+        """``KVM_GET_DIRTY_LOG``: return the dirty gfns, clear, write-protect them.
+
+        ``kvm_get_dirty_log_protect``: the bitmap is harvested and cleared and
+        the harvested pages are write-protected again so the next write is
+        logged (spec/kvm-mmu-2.md §7.3).
+        """
+        gfns = self.memslots.get_dirty_log(as_id, slot)
+        if len(gfns):
+            self.mmu.write_protect_gfns(gfns)
+        return gfns
+
+    # guest memory, host side --------------------------------------------
+    def gpa_to_hva(self, gpa: int) -> int:
+        """``gfn_to_hva`` plus the offset; EFAULT outside every slot."""
+        return int(self.memslots.gfn_to_hva(gpa >> PAGE_SHIFT)) + (gpa & (PAGE_SIZE - 1))
+
+    def gfn_to_pfn(self, gfn: int, *, write: bool = False) -> int:
+        """``gfn_to_pfn``: fault the host page in and return its pfn."""
+        return self.host.hva_to_pfn(int(self.memslots.gfn_to_hva(gfn)), write=write)
+
+    def read_guest(self, gpa: int, size: int) -> bytes:
+        """Read guest memory as userspace would (``kvm_read_guest``); no MMU involved."""
+        out = bytearray()
+        for _slot, gfn, offset, length in self.memslots.translate_range(gpa, size):
+            pfn = self.gfn_to_pfn(gfn)
+            out += self.host.read_phys((pfn << PAGE_SHIFT) + offset, length)
+        return bytes(out)
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        """Write guest memory from the host side: no page-track notification.
+
+        Like userspace touching guest RAM through its mapping, the bytes land
+        without KVM knowing, so no notifier runs and nothing is logged dirty.
+        """
+        pos = 0
+        for _slot, gfn, offset, length in self.memslots.translate_range(gpa, len(data)):
+            pfn = self.gfn_to_pfn(gfn, write=True)
+            self.host.write_phys((pfn << PAGE_SHIFT) + offset, bytes(data[pos : pos + length]))
+            pos += length
+
+    def write_guest_kvm(self, gpa: int, data: bytes) -> None:
+        """``kvm_vcpu_write_guest``: KVM writes guest memory and logs it dirty."""
+        pos = 0
+        for slot, gfn, offset, length in self.memslots.translate_range(gpa, len(data)):
+            pfn = self.gfn_to_pfn(gfn, write=True)
+            self.host.write_phys((pfn << PAGE_SHIFT) + offset, bytes(data[pos : pos + length]))
+            self.memslots.mark_page_dirty(slot, gfn)
+            pos += length
+
+    # MMU entry points ---------------------------------------------------
+    def pre_fault_memory(self, gpa: int, size: int) -> int:
+        """``KVM_PRE_FAULT_MEMORY`` (6.10+; spec/kvm-mmu-2.md §6)."""
+        return int(self.mmu.pre_fault_memory(gpa, size))
+
+    def zap_gfn_range(self, start: int, end: int) -> None:
+        """``kvm_zap_gfn_range(kvm, start, end)``; ``end`` is exclusive."""
+        self.mmu.zap_gfn_range(start, end)
+
+    def zap_all_fast(self) -> None:
+        """``kvm_mmu_zap_all_fast``: obsolete every root (spec/kvm-mmu.md §3.14)."""
+        self.mmu.zap_all_fast()
+
+    def write_track_add_gfn(self, gfn: int) -> None:
+        """``kvm_write_track_add_gfn`` (6.6+)."""
+        self.page_track.add_gfn(gfn)
+
+    def write_track_remove_gfn(self, gfn: int) -> None:
+        """``kvm_write_track_remove_gfn`` (6.6+)."""
+        self.page_track.remove_gfn(gfn)
+
+    def invalidate_hva_range(self, start: int, end: int) -> None:
+        """The host invalidates ``[start, end)`` (an MMU-notifier event)."""
+        self.host.invalidate_range(start, end)
+
+    # noncoherent DMA ----------------------------------------------------
+    def register_noncoherent_dma(self) -> None:
+        """``kvm_arch_register_noncoherent_dma`` (spec/memtype.md §11.1)."""
+        old = self.noncoherent_dma_count
+        self.noncoherent_dma_count += 1
+        self.hooks.noncoherent_dma_changed(old, self.noncoherent_dma_count)
+
+    def unregister_noncoherent_dma(self) -> None:
+        """``kvm_arch_unregister_noncoherent_dma``; below zero is refused."""
+        if self.noncoherent_dma_count == 0:
+            raise KvmError(errno.EINVAL, "unregister_noncoherent_dma: count is already 0")
+        old = self.noncoherent_dma_count
+        self.noncoherent_dma_count -= 1
+        self.hooks.noncoherent_dma_changed(old, self.noncoherent_dma_count)
+
+    # plugins at run time ------------------------------------------------
+    def register_plugin(self, obj: object, name: str) -> None:
+        """Add ``obj`` to this VM's plugin chain (newest: called first).
+
+        Like ``kvm_page_track_register_notifier`` (``hlist_add_head_rcu``).
+        """
+        self.plugins.register(obj, name)
+
+    def unregister_plugin(self, name: str) -> object:
+        """Remove a plugin; it is not called after this returns (SRCU rule)."""
+        if name == self.config.vendor:
+            raise KvmError(errno.EINVAL, f"{name!r} is the VM's vendor and cannot be removed")
+        return self.plugins.unregister(name)
+
+    # checks -------------------------------------------------------------
+    def check_invariants(self) -> list[str]:
+        """Return every violated invariant (core, MMU, then plugins)."""
+        self.stats["invariant_checks"] += 1
+        out: list[str] = list(self.mmu.check_invariants())
+        out.extend(self._check_page_track())
+        out.extend(self.hooks.check_invariants())
+        return out
+
+    def _check_page_track(self) -> list[str]:
+        out: list[str] = []
+        for slot in self.memslots.all_slots():
+            if slot.gfn_write_track is None:
+                continue
+            tracked = np.nonzero(slot.gfn_write_track)[0]
+            for level, counts in slot.lpage_info.items():
+                if len(tracked) == 0:
+                    break
+                idx = np.asarray([slot.lpage_idx(slot.base_gfn + int(i), level) for i in tracked])
+                if np.any(counts[idx] <= 0):
+                    out.append(
+                        f"page_track: slot {slot.id} has a tracked gfn whose level-{level} "
+                        "disallow count is 0"
+                    )
+        return out
+
+    def slot_of(self, gpa: int) -> Memslot | None:
+        """The memslot covering ``gpa`` (address space 0), or ``None``."""
+        return self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
