@@ -1,0 +1,248 @@
+"""The Intel VMX vendor plugin: EPT SPTE format and EPT memory types by era."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmmu.era import era_of
+from kvmmu.hookspecs import hookimpl
+from kvmmu.memtype import (
+    CR0_CD,
+    CR0_NW,
+    MemType,
+    MemtypeVcpu,
+    MemtypeVM,
+    common_cr0_changed,
+    common_max_mapping_level,
+    common_msr_written,
+    effective_type,
+    host_mtrr_type,
+    refuse_unsupported_quirks,
+    vcpu_or_first,
+    x86_pte_spte_format,
+)
+from kvmmu.mtrr import ALL_GFNS_END
+from kvmmu.plugins.vmx.mt_mask import VMX_MT_MASK_ERAS, ept_memtype, vmx_get_mt_mask
+from kvmmu.quirks import (
+    KVM_X86_QUIRK_CD_NW_CLEARED,
+    KVM_X86_QUIRK_IGNORE_GUEST_PAT,
+    supported_quirks,
+)
+from kvmmu.spte import SpteFormat
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["VMX_EPT_SUPPRESS_VE_BIT", "VmxConfig", "VmxPlugin", "ept_spte_format"]
+
+#: ``VMX_EPT_SUPPRESS_VE_BIT`` (bit 63, spec/kvm-mmu.md §4.1).
+VMX_EPT_SUPPRESS_VE_BIT = 1 << 63
+_R, _W, _X = 1, 2, 4
+_VMX_EPT_MISCONFIG_WX_VALUE = _W | _X
+
+
+class VmxConfig(BaseModel):
+    """Options of the ``vmx`` plugin (``[plugins.vmx]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``enable_ept_ad_bits``: EPT accessed/dirty bits (``kvm_ad_enabled``).
+    ept_ad: bool = True
+    #: 5-level EPT (``VMX_EPTP_PWL_5``); otherwise 4-level.
+    ept_5level: bool = False
+    #: The CPU supports execute-only EPT entries (``cpu_has_vmx_ept_execute_only``).
+    ept_exec_only: bool = True
+
+
+def ept_spte_format(vm: MemtypeVM, config: VmxConfig) -> SpteFormat:
+    """The EPT masks of ``kvm_mmu_set_ept_masks(has_ad, has_exec_only)``.
+
+    spec/kvm-mmu.md §4.3, EPT column: R is ``shadow_user_mask``; X bit 2;
+    no NX; A bit 8, D bit 9; host-writable bit 57, MMU-writable bit 58;
+    present = R, or 0 with execute-only support; MMIO value 110b (W|X, an
+    EPT misconfiguration) with mask RWX; acc-track mask RWX;
+    ``shadow_memtype_mask`` 0x78 in 6.0–6.15 (removed in 6.16, 3fee4837ef40).
+    ``SUPPRESS_VE`` joins the present and MMIO masks from 6.10 (the TDX
+    preparation; the exact release is from memory, spec says "recent").
+    The A/D masks are kept even without A/D bits (newer kernels set them
+    unconditionally); ``ad_enabled`` tells the MMU whether to use them.
+    """
+    era = vm.era
+    sve = VMX_EPT_SUPPRESS_VE_BIT if era >= (6, 10) else 0
+    return SpteFormat(
+        name="ept",
+        present_mask=(0 if config.ept_exec_only else _R) | sve,
+        user_mask=_R,
+        x_mask=_X,
+        nx_mask=0,
+        accessed_mask=1 << 8,
+        dirty_mask=1 << 9,
+        host_writable_mask=1 << 57,
+        mmu_writable_mask=1 << 58,
+        mmio_value=_VMX_EPT_MISCONFIG_WX_VALUE,
+        mmio_mask=_R | _W | _X | sve,
+        mmio_access_mask=0,
+        acc_track_mask=_R | _W | _X,
+        memtype_mask=0x78 if (6, 0) <= era < (6, 16) else 0,
+        ad_enabled=config.ept_ad,
+        root_level=5 if config.ept_5level else 4,
+    )
+
+
+class VmxPlugin:
+    """Intel VMX with EPT: EPT SPTEs and vmx_get_mt_mask per kernel era.
+
+    With ``tdp`` off the VM runs on shadow paging: ordinary x86 PTE SPTEs
+    with PAT index 0 and no ``get_mt_mask``.
+    """
+
+    name = "vmx"
+    kind = "vendor"
+    #: Era boundaries reported for this vendor (the rows of spec/memtype.md §7).
+    ERAS = VMX_MT_MASK_ERAS
+
+    def __init__(self, vm: Any, config: VmxConfig | None = None) -> None:
+        self.vm: MemtypeVM = vm
+        self.config = config if config is not None else VmxConfig()
+        check_vmx_quirks(vm)
+
+    @staticmethod
+    @hookimpl
+    def kvmmu_config_model() -> type[BaseModel]:
+        return VmxConfig
+
+    # ------------------------------------------------------------ format
+
+    @hookimpl
+    def kvmmu_spte_format(self, vm: MemtypeVM) -> SpteFormat:
+        """EPT masks with TDP, else the shadow-paging x86 PTE masks."""
+        if not vm.config.tdp:
+            return x86_pte_spte_format("shadow", host_maxphyaddr=vm.config.host_maxphyaddr)
+        return ept_spte_format(vm, self.config)
+
+    # ---------------------------------------------------------- memtypes
+
+    @hookimpl
+    def kvmmu_get_mt_mask(
+        self, vm: MemtypeVM, vcpu: MemtypeVcpu | None, gfn: int, is_mmio: bool
+    ) -> int | None:
+        """``vmx_get_mt_mask`` of ``vm.era`` (spec/memtype.md §7).
+
+        ``None`` without EPT: ``make_spte`` folds a memtype in only with
+        ``tdp_enabled`` (≤ 5.19), a non-zero ``shadow_memtype_mask``
+        (6.0–6.15), or a non-NULL ``get_mt_mask`` (6.16+, NULL without EPT).
+        """
+        if not vm.config.tdp:
+            return None
+        v = vcpu_or_first(vm, vcpu)
+        return vmx_get_mt_mask(
+            vm.era,
+            is_mmio=is_mmio,
+            noncoherent_dma=vm.noncoherent_dma_count > 0,
+            guest_cd=bool(v.cr0 & CR0_CD),
+            cd_nw_cleared=vm.has_quirk(KVM_X86_QUIRK_CD_NW_CLEARED),
+            ignore_guest_pat=vm.has_quirk(KVM_X86_QUIRK_IGNORE_GUEST_PAT),
+            self_snoop=vm.config.host_self_snoop,
+            guest_mtrr_type=lambda: v.mtrr.guest_memory_type(gfn, vm.era),
+        )
+
+    @hookimpl
+    def kvmmu_effective_memtype(
+        self,
+        vm: MemtypeVM,
+        vcpu: MemtypeVcpu,
+        spte: int,
+        guest_pat_type: MemType | None,
+        hpa: int,
+    ) -> MemType:
+        """SDM Vol 3B §24.2.5.2 (spec/memtype.md §5, §13).
+
+        Hardware CR0.CD -> UC (never on VMX: ``KVM_VM_CR0_ALWAYS_OFF``);
+        IPAT -> the EPT memtype; otherwise Table 11-7 with the EPT memtype
+        in the MTRR role and the guest PAT type (WB with guest paging off,
+        unverified in the spec). Shadow paging: the SPTE selects host PAT0
+        (WB), so the host MTRR type of ``hpa`` decides and guest PAT, MTRRs
+        and CR0.CD have no effect (spec/kvm-mmu.md §4.2).
+        """
+        if self.kvmmu_hardware_cr0(vm, vcpu, vcpu.cr0) & CR0_CD:
+            return MemType.UC
+        if not vm.config.tdp:
+            return effective_type(host_mtrr_type(vm, hpa), MemType.WB)
+        raw, ipat = ept_memtype(spte)
+        if raw not in (0, 1, 4, 5, 6):
+            raise ValueError(f"EPT misconfiguration: leaf memtype {raw} in SPTE {spte:#x}")
+        mt = MemType(raw)
+        if ipat:
+            return mt
+        return effective_type(mt, guest_pat_type if guest_pat_type is not None else MemType.WB)
+
+    @hookimpl
+    def kvmmu_hardware_cr0(self, vm: MemtypeVM, vcpu: MemtypeVcpu, cr0: int) -> int:
+        """``KVM_VM_CR0_ALWAYS_OFF`` = NW | CD: never set in hardware (spec §11.3)."""
+        return cr0 & ~(CR0_CD | CR0_NW)
+
+    @hookimpl
+    def kvmmu_max_mapping_level(
+        self, vm: MemtypeVM, vcpu: MemtypeVcpu | None, gfn: int, max_level: int
+    ) -> int | None:
+        """MTRR-consistent huge pages: 4.2–5.19 always, 6.0–6.10 with noncoherent DMA."""
+        return common_max_mapping_level(vm, vcpu, gfn, max_level, ept=vm.config.tdp)
+
+    # -------------------------------------------------------------- zaps
+
+    @hookimpl
+    def kvmmu_noncoherent_dma_changed(self, vm: MemtypeVM, old_count: int, new_count: int) -> None:
+        """``kvm_noncoherent_dma_assignment_start_or_stop`` (6.7+, 68c320298404).
+
+        On the 0->1 and 1->0 transitions zap every gfn if
+        ``kvm_mmu_may_ignore_guest_pat``: EPT in 6.7–6.15, the per-VM
+        ``IGNORE_GUEST_PAT`` quirk from 6.16 (spec/memtype.md §11.1; M4).
+        """
+        if vm.era < (6, 7) or not _first_or_last(old_count, new_count):
+            return
+        if vm.era >= (6, 16):
+            may_ignore = vm.has_quirk(KVM_X86_QUIRK_IGNORE_GUEST_PAT)
+        else:
+            may_ignore = vm.config.tdp
+        if may_ignore:
+            vm.zap_gfn_range(0, ALL_GFNS_END)
+
+    @hookimpl
+    def kvmmu_cr0_changed(self, vm: MemtypeVM, vcpu: MemtypeVcpu, old: int, new: int) -> None:
+        """CR0.CD toggle zap of ``kvm_post_set_cr0`` (4.2–6.10, spec §11.2)."""
+        common_cr0_changed(vm, old, new, ept=vm.config.tdp)
+
+    @hookimpl
+    def kvmmu_msr_written(
+        self, vm: MemtypeVM, vcpu: MemtypeVcpu, index: int, old: int, new: int
+    ) -> None:
+        """``update_mtrr`` zaps after MTRR writes (4.2–6.10, spec §4, §11.2)."""
+        common_msr_written(vm, vcpu, index, ept=vm.config.tdp)
+
+    # ------------------------------------------------------------ report
+
+    @hookimpl
+    def kvmmu_report_section(self, vm: MemtypeVM) -> dict[str, Any]:
+        fmt = self.kvmmu_spte_format(vm)
+        return {
+            "vendor": "vmx",
+            "era": era_of(vm.era, VMX_MT_MASK_ERAS),
+            "spte_format": fmt.name,
+            "memtype_mask": fmt.memtype_mask,
+            "get_mt_mask": bool(vm.config.tdp),
+            "ept_ad": self.config.ept_ad,
+            "root_level": fmt.root_level,
+        }
+
+
+def _first_or_last(old_count: int, new_count: int) -> bool:
+    """``atomic_inc_return == 1`` or ``atomic_dec_return == 0``."""
+    return (old_count == 0 and new_count == 1) or (old_count == 1 and new_count == 0)
+
+
+def check_vmx_quirks(vm: MemtypeVM) -> None:
+    """Refuse disabling a quirk VMX does not support on this host and era.
+
+    ``supported_quirks`` lacks ``IGNORE_GUEST_PAT`` from 6.16 when the host
+    CPU has no self-snoop (consumers.md M5; spec/memtype.md §7): KVM fails
+    ``KVM_CAP_DISABLE_QUIRKS2`` with EINVAL.
+    """
+    refuse_unsupported_quirks(vm, supported_quirks(vm.era, self_snoop=vm.config.host_self_snoop))
