@@ -126,9 +126,9 @@ class Memslot:
     npages: int
     userspace_addr: int
     flags: int
-    dirty_bitmap: np.ndarray | None = None
-    gfn_write_track: np.ndarray = field(default_factory=lambda: _no_write_track(0))
-    lpage_info: dict[int, np.ndarray] = field(default_factory=dict)
+    dirty_bitmap: np.ndarray | None = field(default=None, repr=False)
+    gfn_write_track: np.ndarray = field(default_factory=lambda: _no_write_track(0), repr=False)
+    lpage_info: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     gmem_fd: int = 0
     gmem_offset: int = 0
     end_gfn: int = field(init=False)
