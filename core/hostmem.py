@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import importlib
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Protocol
 
 import numpy as np
 from kvmmu.errors import KvmError
+from kvmmu.memtype import MemType
 
 __all__ = [
     "KVM_HPAGE_SIZE",
@@ -79,8 +79,6 @@ TASK_SIZE_MAX = 0x00007FFFFFFFF000
 RAM_BASE = 1 << 32
 
 _U64_MAX = (1 << 64) - 1
-_MEMTYPE_WB = 6  # kvmmu.memtype.MemType.WB
-_MEMTYPE_UC_MINUS = 7  # kvmmu.memtype.MemType.UC_MINUS
 _Q = struct.Struct("<Q")
 
 
@@ -96,14 +94,13 @@ def KVM_HPAGE_SIZE(level: int) -> int:
     return KVM_PAGES_PER_HPAGE(level) << PAGE_SHIFT
 
 
-def _as_memtype(value: int) -> int:
-    """Return ``kvmmu.memtype.MemType(value)`` (an IntEnum), or the int if unavailable."""
+def _as_memtype(value: int) -> MemType:
+    """``MemType(value)``, with a clear error for a value that is no memory type."""
     try:
-        memtype = importlib.import_module("kvmmu.memtype")
-    except ImportError:  # kvmmu.memtype is written concurrently; plain ints until it lands
-        return int(value)
-    mt: int = memtype.MemType(value)
-    return mt
+        return MemType(value)
+    except ValueError:
+        allowed = ", ".join(f"{m.name}={m.value}" for m in MemType)
+        raise ValueError(f"memtype {value!r} is not a memory type ({allowed})") from None
 
 
 class MmuNotifier(Protocol):
@@ -128,7 +125,7 @@ class Vma:
     page_level: int = PG_LEVEL_4K
     writable: bool = True
     mmio: bool = False
-    memtype: int = _MEMTYPE_WB
+    memtype: MemType = MemType.WB
     hpa: int = 0
 
     @property
@@ -184,7 +181,7 @@ class HostMemory:
         self._swapped: dict[int, bytearray] = {}  # hva page -> contents while unbacked
         self._pin_count: dict[int, int] = {}  # pfn -> pins
         self._pins_by_hva: dict[int, list[int]] = {}  # hva page -> pinned pfns (stack)
-        self._mmio_ranges: list[tuple[int, int, int]] = []  # (first pfn, end pfn, memtype)
+        self._mmio_ranges: list[tuple[int, int, MemType]] = []  # (first pfn, end pfn, memtype)
         self._notifiers: list[MmuNotifier] = []
         self._open_invalidations: list[tuple[int, int]] = []
         self.stats = HostStats()
@@ -227,10 +224,10 @@ class HostMemory:
         """
         align = KVM_HPAGE_SIZE(page_level)
         self._check_range("mmap_anon", hva, size, align)
-        return self._insert_vma(Vma(hva, hva + size, page_level, writable, False, _MEMTYPE_WB))
+        return self._insert_vma(Vma(hva, hva + size, page_level, writable, False, MemType.WB))
 
     def map_mmio(
-        self, hva: int, size: int, *, hpa: int, memtype: int, writable: bool = True
+        self, hva: int, size: int, *, hpa: int, memtype: int | MemType, writable: bool = True
     ) -> Vma:
         """Map a device BAR at host physical ``hpa`` into ``[hva, hva+size)``.
 
@@ -415,7 +412,7 @@ class HostMemory:
         """``kvm_is_mmio_pfn`` (spec/kvm-mmu.md §4.6): a pfn that is not host RAM."""
         return not self._ram_base_pfn <= pfn < self._ram_limit_pfn
 
-    def memtype_of(self, hpa: int) -> int:
+    def memtype_of(self, hpa: int) -> MemType:
         """Host memory type of ``hpa``: WB for RAM, the BAR's mapping type for MMIO.
 
         MMIO with no mapping reads UC_MINUS, as x86 PAT ``lookup_memtype`` does
@@ -423,11 +420,11 @@ class HostMemory:
         """
         pfn = hpa >> PAGE_SHIFT
         if self.is_ram_pfn(pfn):
-            return _as_memtype(_MEMTYPE_WB)
+            return MemType.WB
         for first, end, mt in self._mmio_ranges:
             if first <= pfn < end:
                 return mt
-        return _as_memtype(_MEMTYPE_UC_MINUS)
+        return MemType.UC_MINUS
 
     def pfn_is_live(self, pfn: int) -> bool:
         """True for MMIO pfns and RAM pfns currently backing an hva or pinned.
