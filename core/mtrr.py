@@ -302,6 +302,10 @@ class MtrrState:
         type field in 4.2, ``mtrr_disabled_type`` (UC, or WB without
         CPUID.MTRR) from 4.3. ≥ 6.11 the function is gone and KVM treats all
         guest memory as WB (Documentation/virt/kvm/x86/errata.rst).
+
+        As in the kernel, 4.2–6.10 test only the range being visited for UC:
+        a UC range met before a differing non-UC range (KVM visits ranges by
+        descending base) ends in the "undefined" branch and gives WB.
         """
         v = KernelVersion(era)
         if v >= (6, 11):
