@@ -125,7 +125,7 @@ def canonical(gva: int, la57: bool) -> bool:
     (#SS for stack accesses, not modelled).
     """
     top = (gva & _M64) >> (56 if la57 else 47)
-    return top == 0 or top == (0x1FF if la57 else 0x1FFFF)
+    return top == 0 or top == (0xFF if la57 else 0x1FFFF)
 
 
 class LevelInfo(NamedTuple):
@@ -214,9 +214,7 @@ def _mode_pae(
         LevelInfo(2, 21, 0x1FF, base, base | _bits(13, 20), 0, nx_bit, True),
         LevelInfo(1, 12, 0x1FF, base, -1, 0, nx_bit, True),
     )
-    return PagingMode(
-        "pae", False, False, 3, _M64, _bits(5, 31), addr_mask, levels, fetch_flag
-    )
+    return PagingMode("pae", False, False, 3, _M64, _bits(5, 31), addr_mask, levels, fetch_flag)
 
 
 def _mode_32bit(cr4: int, maxphyaddr: int, smep: bool) -> PagingMode:
@@ -230,9 +228,7 @@ def _mode_32bit(cr4: int, maxphyaddr: int, smep: bool) -> PagingMode:
         LevelInfo(2, 22, 0x3FF, 0, rsvd_huge, 0, 0, True),
         LevelInfo(1, 12, 0x3FF, 0, -1, 0, 0, True),
     )
-    return PagingMode(
-        "32-bit", False, False, 2, 0xFFFFFFFF, 0xFFFFF000, 0xFFFFF000, levels, smep
-    )
+    return PagingMode("32-bit", False, False, 2, 0xFFFFFFFF, 0xFFFFF000, 0xFFFFF000, levels, smep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,9 +296,7 @@ def permission_error(
             write and not writable and bool(wp)
         )
     # Protection keys govern data accesses to user pages only (§4.6.2).
-    pk = not fetch and bool(
-        pk_bits & 1 or (write and pk_bits & 2 and (cpl == 3 or wp))
-    )
+    pk = not fetch and bool(pk_bits & 1 or (write and pk_bits & 2 and (cpl == 3 or wp)))
     if pk:
         return PFERR_PRESENT | PFERR_PK
     return PFERR_PRESENT if denied else 0
