@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvmmu.errors import GuestFault
 from kvmmu.memtype import (
     ALL_GFNS_END,
