@@ -242,7 +242,8 @@ class WalkResult:
     ``(level, entry_address, value)`` (the shadow MMU's ``gpte_changed``
     re-reads them). ``writable``/``user``/``nx`` are the rights accumulated
     over the entries read (SDM Vol 3A §4.6); ``pkey`` is the leaf's
-    protection key (long mode only, else 0).
+    protection key (long mode only, else 0; also set on a permission fault).
+    Under 32-bit paging ``level`` 2 means a 4 MiB page.
     """
 
     fault: bool
@@ -307,6 +308,7 @@ def _pf(
     entries: list[tuple[int, int, int]],
     rights: int,
     nx: int,
+    pkey: int = 0,
 ) -> WalkResult:
     return WalkResult(
         True,
@@ -318,6 +320,7 @@ def _pf(
         writable=bool(rights & PTE_RW),
         user=bool(rights & PTE_US),
         nx=bool(nx),
+        pkey=pkey,
     )
 
 
@@ -408,7 +411,7 @@ def walk(
         pk_bits=pk_bits,
     )
     if err:
-        return _pf(base_code | err, entries, rights, nx)
+        return _pf(base_code | err, entries, rights, nx, pkey)
     return _success(mode, info, entries, pte, gva, write, rights, nx, pkey)
 
 
