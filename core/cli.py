@@ -190,6 +190,8 @@ def run_cli(fn: Callable[[], Any]) -> int:
         return int(e.exit_code)
     except click.exceptions.Exit as e:
         return int(e.exit_code)
+    except SystemExit as e:
+        return int(e.code or 0) if isinstance(e.code, int) else 1
     except click.ClickException as e:
         e.show()
         return int(ExitCode.USAGE if isinstance(e, click.UsageError) else e.exit_code)
@@ -205,3 +207,139 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     code = run_cli(lambda: cli.main(args=argv, prog_name="kvmmu", standalone_mode=False))
     sys.exit(code)
+
+
+# --------------------------------------------------------------------------
+# kvmmu run | compare
+# --------------------------------------------------------------------------
+
+
+def _run_with_progress(sc: Any, vendor: str | None, era: str | None, quiet: bool) -> dict[str, Any]:
+    """Run a scenario; a rich progress bar appears if it runs over a second."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from kvmmu.runner import ScenarioRun
+
+    run = ScenarioRun(sc, vendor=vendor, era=era)
+    total = run.total_steps()
+    start = time.monotonic()
+    progress: Progress | None = None
+    task = None
+
+    def tick(n: int) -> None:
+        nonlocal progress, task
+        if quiet:
+            return
+        if progress is None:
+            if time.monotonic() - start < 1.0:
+                return
+            progress = Progress("[progress.description]{task.description}", BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+                                transient=True)
+            progress.start()
+            task = progress.add_task(f"{sc.name} ({run.vm.config.vendor})", total=total)
+            progress.update(task, completed=run.steps)
+        assert task is not None
+        progress.advance(task, n)
+
+    try:
+        return run.run(tick)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _print_report(rep: dict[str, Any]) -> None:
+    console.rule(f"[bold]{rep['scenario']}[/] — {rep['vendor']}, era {rep['era']}, "
+                 f"tdp={'on' if rep['tdp'] else 'off'}")
+    t = Table(title="Faults and exits", show_header=True)
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    for k, v in rep["faults"].items():
+        t.add_row(f"RET_PF_{k}", str(v))
+    for k in ("accesses", "guest_faults", "emulated_writes", "mmio_exits", "track_writes",
+              "remote_tlb_flushes"):
+        t.add_row(k, str(rep[k]))
+    console.print(t)
+    mt = Table(title="Effective memory types per memslot")
+    mt.add_column("slot")
+    mt.add_column("types seen (accesses)")
+    for slot, types in rep["memtypes"].items():
+        mt.add_row(slot, ", ".join(f"{k}: {v}" for k, v in types.items()))
+    console.print(mt)
+    for name, section in rep["plugins"].items():
+        pt = Table(title=f"plugin {name}")
+        pt.add_column("key")
+        pt.add_column("value")
+        for k, v in section.items():
+            pt.add_row(str(k), json.dumps(v, default=str) if not isinstance(v, str) else v)
+        console.print(pt)
+    inv = rep["invariants"]
+    colour = "green" if not inv["violations"] else "red"
+    console.print(f"[{colour}]invariants: {inv['checked']} checks, "
+                  f"{len(inv['violations'])} violations[/]")
+    for v in inv["violations"]:
+        console.print(f"  [red]- {v}[/]")
+
+
+@cli.command("run", epilog=EXIT_CODES_HELP)
+@click.argument("scenario", required=False)
+@click.option("--vendor", help="run under this vendor instead of the scenario's")
+@click.option("--era", help="kernel version whose behaviour to model, e.g. 6.8")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report")
+def run_cmd(scenario: str | None, vendor: str | None, era: str | None, as_json: bool) -> None:
+    """Run SCENARIO (a TOML file; default: the embedded default scenario)."""
+    from kvmmu.scenario import load_scenario
+
+    sc = load_scenario(scenario)
+    rep = _run_with_progress(sc, vendor, era, quiet=as_json)
+    if as_json:
+        emit_json(rep)
+    else:
+        _print_report(rep)
+    if rep["invariants"]["violations"]:
+        raise SystemExit(int(ExitCode.CHECK_FAILED))
+
+
+@cli.command("compare", epilog=EXIT_CODES_HELP)
+@click.argument("scenario", required=False)
+@click.option("--vendors", default="vmx,svm", show_default=True, help="comma-separated vendors")
+@click.option("--eras", default=None, help="comma-separated kernel versions, e.g. 6.10,6.16")
+@click.option("--expect-equal", is_flag=True, help="exit 1 when the runs differ")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="draw a PNG")
+def compare_cmd(scenario: str | None, vendors: str, eras: str | None, expect_equal: bool,
+                as_json: bool, plot: Path | None) -> None:
+    """Run SCENARIO under each vendor (and era) and show what differs."""
+    from kvmmu.compare import compare_runs, plot_comparison
+    from kvmmu.scenario import load_scenario
+
+    sc = load_scenario(scenario)
+    vendor_list = [v.strip() for v in vendors.split(",") if v.strip()]
+    era_list = [e.strip() for e in eras.split(",")] if eras else [None]
+    if not vendor_list:
+        raise click.UsageError("--vendors needs at least one vendor")
+    runs = []
+    for v in vendor_list:
+        for e in era_list:
+            rep = _run_with_progress(sc, v, e, quiet=as_json)
+            runs.append(rep)
+    result = compare_runs(runs)
+    if plot:
+        plot_comparison(result, plot)
+    if as_json:
+        emit_json(result)
+    else:
+        t = Table(title=f"{sc.name}: differences between runs")
+        t.add_column("metric")
+        for label in result["runs"]:
+            t.add_column(label)
+        for row in result["differences"]:
+            t.add_row(row["metric"], *[str(row["values"][lb]) for lb in result["runs"]])
+        console.print(t)
+        console.print(f"{len(result['differences'])} metrics differ, "
+                      f"{result['equal_metrics']} equal")
+    if expect_equal and result["differences"]:
+        raise SystemExit(int(ExitCode.CHECK_FAILED))

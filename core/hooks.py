@@ -143,3 +143,19 @@ class Hooks:
             if result is not None:
                 out[name] = result
         return out
+
+
+def scenario_devices(hooks: Hooks) -> dict[str, str]:
+    """Device name -> owning plugin, from ``kvmmu_scenario_devices``."""
+    out: dict[str, str] = {}
+    for name, result in hooks.host.iter_results("kvmmu_scenario_devices", vm=hooks.vm):
+        for dev in result or []:
+            out[str(dev)] = name
+    return out
+
+
+def scenario_op(hooks: Hooks, device: str, action: str, args: dict[str, Any]) -> Any:
+    """Dispatch a device step through ``kvmmu_scenario_op``."""
+    return hooks.host.call_first(
+        "kvmmu_scenario_op", vm=hooks.vm, device=device, action=action, args=args
+    )

@@ -341,3 +341,30 @@ def kvmmu_report_section(vm: VM) -> dict[str, Any] | None:
     Called by ``kvmmu run`` and ``kvmmu compare``; the section appears under
     ``plugins.<name>`` in the JSON report.
     """
+
+
+# --------------------------------------------------------------------------
+# Scenarios (devices of consumer plugins)
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def kvmmu_scenario_devices(vm: VM) -> list[str]:
+    """Return the names of the devices this plugin created for the VM.
+
+    Called before a scenario's workload runs, to check that every step names
+    a device that exists (a scenario error otherwise, nothing run).
+    """
+
+
+@hookspec(firstresult=True)
+def kvmmu_scenario_op(vm: VM, device: str, action: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one scenario step ``action`` on ``device``; return its result.
+
+    Called for ``op = "device"`` steps. The plugin owning ``device`` runs it
+    (a DMA, a GPU submission, a guest PPGTT edit, a blob map ...) and returns
+    a JSON-friendly result; other plugins return ``None``. An unknown action
+    raises :class:`kvmmu.errors.ConfigError` naming the allowed ones.
+
+    firstresult.
+    """

@@ -142,11 +142,11 @@ class VCpu:
         An invalid value is refused with ``EINVAL`` and nothing changes (the
         guest would get #GP: ``kvm_pat_valid``, ``kvm_mtrr_valid``).
         """
-        from kvmmu.memtype import is_mtrr_msr, pat_valid
+        from kvmmu.memtype import is_mtrr_msr, kvm_pat_valid
 
         old = self.get_msr(index)
         if index == MSR_IA32_CR_PAT:
-            if not pat_valid(value):
+            if not kvm_pat_valid(value):
                 raise KvmError(
                     errno.EINVAL,
                     f"PAT value {value:#018x} is invalid (each byte must be 0,1,4,5,6,7; "

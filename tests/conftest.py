@@ -1,0 +1,25 @@
+"""Shared fixtures: a small VM with RAM, for tests across the tree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import kvmmu
+
+RAM_HVA = 0x7F00_0000_0000
+
+
+def make_vm(ram_size: int = 16 << 20, **config: Any) -> Any:
+    """A VM with one RAM slot at gpa 0 backed by an anonymous VMA."""
+    vm = kvmmu.VM(kvmmu.VMConfig(**config))
+    vm.host.mmap_anon(RAM_HVA, ram_size)
+    vm.set_user_memory_region(0, 0, 0, ram_size, RAM_HVA)
+    return vm
+
+
+@pytest.fixture
+def vm_factory() -> Callable[..., Any]:
+    return make_vm
