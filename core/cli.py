@@ -111,7 +111,7 @@ def plugins_cmd(as_json: bool, config_path: Path | None) -> None:
 
     cfg = load_config(config_path) if config_path else VMConfig()
     enabled = {cfg.vendor, *cfg.plugins.enabled}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for p in installed_plugins():
         try:
             cls = load_plugin_class(p.name)

@@ -38,7 +38,7 @@ class Hooks:
         fmt = self.host.call_first("kvmmu_spte_format", vm=self.vm)
         if fmt is None:
             raise PluginError(self.vm.config.vendor, "kvmmu_spte_format", "returned no format")
-        return fmt  # type: ignore[no-any-return]
+        return fmt
 
     def get_mt_mask(self, vcpu: VCpu | None, gfn: int, is_mmio: bool) -> int | None:
         r = self.host.call_first(
@@ -59,7 +59,7 @@ class Hooks:
         )
         if r is None:
             raise PluginError(self.vm.config.vendor, "kvmmu_effective_memtype", "returned None")
-        return r  # type: ignore[no-any-return]
+        return r
 
     def hardware_cr0(self, vcpu: VCpu, cr0: int) -> int:
         r = self.host.call_first("kvmmu_hardware_cr0", vm=self.vm, vcpu=vcpu, cr0=cr0)

@@ -69,7 +69,7 @@ def installed_plugins() -> list[PluginInfo]:
     """Return every installed plugin of every kind, sorted by kind and name."""
     out: list[PluginInfo] = []
     for kind, group in GROUPS.items():
-        mgr = NamedExtensionManager(group, names=[], invoke_on_load=False)
+        mgr: NamedExtensionManager = NamedExtensionManager(group, names=[], invoke_on_load=False)
         for ep in mgr.list_entry_points():
             dist, version = _distribution_of(group, ep.name, ep.value)
             out.append(PluginInfo(ep.name, kind, dist, version, ep.value))
@@ -109,7 +109,7 @@ def load_plugin_class(name: str, kind: str | None = None) -> type:
         exc = failures[0]
         raise PluginError(name, None, f"import failed: {type(exc).__name__}: {exc}") from exc
     for ext in mgr:
-        return ext.plugin  # type: ignore[no-any-return]
+        return ext.plugin
     raise PluginError(name, None, "entry point did not load")
 
 
@@ -122,7 +122,7 @@ def plugin_config_model(cls: type) -> type[BaseModel] | None:
     if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
         name = getattr(cls, "name", cls.__name__)
         raise PluginError(name, "kvmmu_config_model", "must return a pydantic model class")
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def validate_plugin_sections(vendor: str, plugins: PluginsConfig) -> list[tuple[str, str]]:

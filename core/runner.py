@@ -69,11 +69,12 @@ class ScenarioRun:
         for i, v in enumerate(sc.host.vmas):
             guard(src, f"host.vmas.{i}", vm.host.mmap_anon, v.hva, v.size,
                   page_level=v.page_level, writable=v.writable)
-        for i, m in enumerate(sc.host.mmio):
-            from kvmmu.memtype import MemType
+        from kvmmu.memtype import MemType
 
-            mt = MemType.UC_MINUS if m.memtype == "UC-" else MemType[m.memtype]
-            guard(src, f"host.mmio.{i}", vm.host.map_mmio, m.hva, m.size, hpa=m.hpa, memtype=mt)
+        for i, bar in enumerate(sc.host.mmio):
+            mt = MemType.UC_MINUS if bar.memtype == "UC-" else MemType[bar.memtype]
+            guard(src, f"host.mmio.{i}", vm.host.map_mmio, bar.hva, bar.size, hpa=bar.hpa,
+                  memtype=mt)
         for i, s in enumerate(sc.memslots):
             guard(src, f"memslots.{i}", vm.set_user_memory_region, s.slot,
                   flags_value(s.flags), s.gpa, s.size, s.hva)
@@ -155,7 +156,7 @@ class ScenarioRun:
 
     def _access(self, vcpu_i: int, gva: int, kind: str, size: int, data: bytes | None) -> None:
         vcpu = self.vm.vcpus[vcpu_i]
-        r = vcpu.access(gva, kind, size, data)  # type: ignore[arg-type]
+        r = vcpu.access(gva, kind, size, data)
         if r.memtype is not None and r.gpa is not None:
             slot = self.vm.slot_of(r.gpa)
             key = f"slot{slot.id}" if slot is not None else "mmio"

@@ -13,6 +13,7 @@ import random
 import re
 import tomllib
 from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -342,7 +343,7 @@ def step_rng(sc: Scenario, index: int, seed: int | None) -> random.Random:
     return random.Random(seed if seed is not None else (sc.seed << 20) + index)
 
 
-def flags_value(names: list[str]) -> int:
+def flags_value(names: Sequence[str]) -> int:
     from kvmmu import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
     table = {"LOG_DIRTY_PAGES": KVM_MEM_LOG_DIRTY_PAGES, "READONLY": KVM_MEM_READONLY}

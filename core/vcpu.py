@@ -176,7 +176,7 @@ class VCpu:
         return self.msrs.get(index, 0)
 
     @property
-    def paging(self) -> bool:
+    def paging_enabled(self) -> bool:
         return bool(self.cr0 & paging.CR0_PG)
 
     # guest walk -----------------------------------------------------------
