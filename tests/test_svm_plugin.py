@@ -52,12 +52,12 @@ def test_svm_config_and_5level() -> None:
 @pytest.mark.parametrize(("era", "value"), [("5.19", 0), ("6.0", None), ("6.16", None)])
 def test_svm_get_mt_mask_zero_then_absent(era: str, value: int | None) -> None:
     vm = svm_vm(era=era, noncoherent=1)
-    assert SvmPlugin(vm).kvmmu_get_mt_mask(vm, 1, True) == value
+    assert SvmPlugin(vm).kvmmu_get_mt_mask(vm, None, 1, True) == value
 
 
 def test_svm_shadow_get_mt_mask_absent() -> None:
     vm = svm_vm(era="5.4", tdp=False)
-    assert SvmPlugin(vm).kvmmu_get_mt_mask(vm, 1, False) is None
+    assert SvmPlugin(vm).kvmmu_get_mt_mask(vm, None, 1, False) is None
 
 
 def _eff(vm: FakeVM, pat: MemType | None, hpa: int = RAM_HPA) -> MemType:

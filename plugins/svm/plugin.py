@@ -75,7 +75,9 @@ class SvmPlugin:
         )
 
     @hookimpl
-    def kvmmu_get_mt_mask(self, vm: MemtypeVM, gfn: int, is_mmio: bool) -> int | None:
+    def kvmmu_get_mt_mask(
+        self, vm: MemtypeVM, vcpu: MemtypeVcpu | None, gfn: int, is_mmio: bool
+    ) -> int | None:
         """``svm_get_mt_mask`` returned 0 (≤ 5.19); deleted in 6.0 (``None``).
 
         spec/kvm-mmu.md §4.6: either way no memtype is folded into NPT SPTEs.
