@@ -44,17 +44,21 @@ QUIRKS: dict[str, tuple[int, str]] = {
 }
 
 
-def supported_quirks(era: KernelVersion, *, self_snoop: bool) -> int:
+def supported_quirks(
+    era: KernelVersion, *, self_snoop: bool, needs_self_snoop: int = KVM_X86_QUIRK_IGNORE_GUEST_PAT
+) -> int:
     """Return ``kvm_caps.supported_quirks`` for a kernel of ``era``.
 
-    From 6.16 ``IGNORE_GUEST_PAT`` is dropped from the supported set when the
+    From 6.16 VMX drops ``IGNORE_GUEST_PAT`` from the supported set when the
     host CPU lacks self-snoop, so it cannot be disabled there (spec/memtype.md
-    §7, 6.16 quirk details).
+    §7, 6.16 quirk details). ``needs_self_snoop`` is the vendor's set of such
+    quirks (``VmxPlugin.QUIRKS_REQUIRING_SELF_SNOOP``; none on SVM, where the
+    quirk is inapplicable).
     """
     mask = 0
     for bit, first in QUIRKS.values():
         if era >= KernelVersion(first):
             mask |= bit
     if not self_snoop:
-        mask &= ~KVM_X86_QUIRK_IGNORE_GUEST_PAT
+        mask &= ~needs_self_snoop
     return mask

@@ -280,7 +280,7 @@ class VCpu:
                 out = self._touch(hpa, size, data)
                 mmu.hw_mark_accessed(gpa, write)
                 memtype = vm.hooks.effective_memtype(self, spte, guest_pat, hpa)
-                self._trace(kind, gva, gpa, hpa, spte, memtype.name, "ok")
+                self._trace(kind, gva, gpa, hpa, spte, memtype.label, "ok")
                 vm.stats["accesses"] += 1
                 return AccessResult(out, None, gpa, hpa, memtype, spte, level, exits=exits)
             exits += 1

@@ -43,7 +43,9 @@ class VM:
             cfg = parse_config(dict(config))
         self.config = cfg
         self.era = KernelVersion(cfg.era)
-        self.quirks = self._quirk_mask(cfg)
+        resolved = resolve_plugins(cfg)
+        self.quirks = self._quirk_mask(cfg, getattr(resolved[0].cls,
+                                                    "QUIRKS_REQUIRING_SELF_SNOOP", 0))
         self.stats: Counter[str] = Counter()
         self.noncoherent_dma_count = 0
         self.host = HostMemory(maxphyaddr=cfg.host_maxphyaddr)
@@ -52,7 +54,7 @@ class VM:
         self.plugins = PluginHost()
         self.hooks = Hooks(self, self.plugins)
         self.vcpus: list[VCpu] = []
-        for rp in resolve_plugins(cfg):
+        for rp in resolved:
             self.plugins.register(rp.cls(self, rp.config), rp.name)
         self.spte_format = self.hooks.spte_format()
         self.mmu = self._make_mmu()
@@ -63,7 +65,7 @@ class VM:
 
     # construction -------------------------------------------------------
     @staticmethod
-    def _quirk_mask(cfg: VMConfig) -> int:
+    def _quirk_mask(cfg: VMConfig, needs_self_snoop: int) -> int:
         """Quirks on by default; disabling one needs it in ``supported_quirks``.
 
         ``KVM_CAP_DISABLE_QUIRKS2`` refuses unsupported bits with ``EINVAL``
@@ -72,7 +74,8 @@ class VM:
         """
         era = KernelVersion(cfg.era)
         present = supported_quirks(era, self_snoop=True)
-        supported = supported_quirks(era, self_snoop=cfg.host_self_snoop)
+        supported = supported_quirks(era, self_snoop=cfg.host_self_snoop,
+                                     needs_self_snoop=needs_self_snoop)
         mask = present
         for name, enabled in cfg.quirks.items():
             bit = QUIRKS[name][0]

@@ -98,6 +98,9 @@ class VmxPlugin:
     kind = "vendor"
     #: Era boundaries reported for this vendor (the rows of spec/memtype.md §7).
     ERAS = VMX_MT_MASK_ERAS
+    #: Quirks ``vmx_hardware_setup`` drops from ``supported_quirks`` on a host
+    #: without self-snoop, so they cannot be disabled there (spec/memtype.md §7).
+    QUIRKS_REQUIRING_SELF_SNOOP = KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     def __init__(self, vm: Any, config: VmxConfig | None = None) -> None:
         self.vm: MemtypeVM = vm
