@@ -343,3 +343,40 @@ def compare_cmd(scenario: str | None, vendors: str, eras: str | None, expect_equ
                       f"{result['equal_metrics']} equal")
     if expect_equal and result["differences"]:
         raise SystemExit(int(ExitCode.CHECK_FAILED))
+
+
+# --------------------------------------------------------------------------
+# kvmmu memtype
+# --------------------------------------------------------------------------
+
+
+@cli.command("memtype", epilog=EXIT_CODES_HELP)
+@click.option("--vendor", "vendors", multiple=True, help="vmx or svm (repeat for both; default both)")
+@click.option("--era", "eras", multiple=True, help="kernel version(s), e.g. 6.8 (default: every era)")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="draw heatmaps per vendor and era to this PNG")
+def memtype_cmd(vendors: tuple[str, ...], eras: tuple[str, ...], as_json: bool,
+                plot: Path | None) -> None:
+    """The memory-type matrix: SPTE memtype, IPAT and effective type.
+
+    Rows cover (vendor, era, quirks, noncoherent DMA, guest CR0.CD, slot kind,
+    guest PAT type, guest MTRR type); each is computed by the vendor plugin's
+    own hooks (spec/memtype.md §5, §7, §9).
+    """
+    from kvmmu.memtype_matrix import memtype_matrix, plot_matrix
+
+    rows = memtype_matrix(vendors or ("vmx", "svm"), list(eras) or None)
+    if plot:
+        plot_matrix(rows, plot)
+    if as_json:
+        emit_json(rows)
+        return
+    t = Table(title=f"memory types ({len(rows)} rows)")
+    keys = ["vendor", "era", "quirks", "noncoherent_dma", "guest_cr0_cd", "slot_kind",
+            "guest_pat", "guest_mtrr", "spte_memtype", "ipat", "effective"]
+    for k in keys:
+        t.add_column(k)
+    for r in rows:
+        t.add_row(*["-" if r[k] is None else str(r[k]) for k in keys])
+    console.print(t)

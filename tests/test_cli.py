@@ -64,3 +64,25 @@ def test_internal_error_exit_5() -> None:
         raise RuntimeError("bug")
 
     assert run_cli(boom) == 5
+
+
+def test_memtype_json_rows_have_documented_keys() -> None:
+    res = CliRunner().invoke(cli, ["memtype", "--vendor", "vmx", "--era", "6.8", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    keys = {"vendor", "era", "quirks", "noncoherent_dma", "guest_cr0_cd", "slot_kind",
+            "guest_pat", "guest_mtrr", "spte_memtype", "ipat", "effective"}
+    assert rows and all(set(r) == keys for r in rows)
+    assert {r["era"] for r in rows} == {"6.7"}  # 6.8 falls in the era that starts at 6.7
+    mmio = [r for r in rows if r["slot_kind"] == "MMIO"]
+    # MMIO is always UC without IPAT: guest WC stays WC, anything else is UC (memtype.md §5, §7).
+    assert all(r["spte_memtype"] == "UC" and r["ipat"] is False for r in mmio)
+    assert {r["effective"] for r in mmio if r["guest_pat"] == "WC"} == {"WC"}
+
+
+def test_memtype_plot_writes_png(tmp_path: Path) -> None:
+    out = tmp_path / "m.png"
+    res = CliRunner().invoke(cli, ["memtype", "--vendor", "svm", "--era", "6.16", "--plot",
+                                   str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
