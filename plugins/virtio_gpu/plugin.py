@@ -236,6 +236,19 @@ class VirtioGpuPlugin:
             )
         return out
 
+    def guest_wbinvd(self, vcpu: VCpu) -> bool:
+        """A guest ``WBINVD``: does KVM emulate it (write back dirty lines)?
+
+        ``need_emulate_wbinvd`` is ``kvm_arch_has_noncoherent_dma``: only with
+        noncoherent DMA registered is WBINVD emulated; otherwise it is skipped
+        (spec/consumers.md M6; the early return in ``kvm_emulate_wbinvd_noskip``
+        is unverified in the spec). So a guest of designs (a)–(c) cannot push
+        its own dirty lines out with WBINVD before the GPU reads (H3).
+        """
+        emulated = self.vm.noncoherent_dma_count > 0
+        self.stats["wbinvd_emulated" if emulated else "wbinvd_skipped"] += 1
+        return emulated
+
     # ------------------------------------------------------------ migration
     def start_migration(self) -> None:
         """The VMM starts live migration: dirty logging on the device's slots."""
