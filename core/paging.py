@@ -29,7 +29,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from .paging_batch import BatchWalkResult, walk_batch
 
 __all__ = [
     "CR0_PG",
@@ -64,6 +67,7 @@ __all__ = [
     "PTE_RW",
     "PTE_US",
     "Access",
+    "BatchWalkResult",
     "LevelInfo",
     "PagingMode",
     "ReadPhys",
@@ -72,6 +76,7 @@ __all__ = [
     "paging_mode",
     "permission_error",
     "walk",
+    "walk_batch",
 ]
 
 # Control-register and MSR bits (SDM Vol 3A §2.5, §2.2.1).
@@ -465,3 +470,14 @@ def _success(
         bool(nx),
         pkey,
     )
+
+
+# The numpy batch walker lives in kvmmu.paging_batch (which imports this
+# module); it is re-exported here lazily so ``kvmmu.paging`` is the one import
+# for both walkers.
+def __getattr__(name: str) -> object:
+    if name in ("BatchWalkResult", "walk_batch"):
+        from . import paging_batch
+
+        return getattr(paging_batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
