@@ -98,9 +98,11 @@ def build_scenario(
     plugin = vm.plugin("virtio_gpu")
     guest = LinuxGuest(vm, vm.vcpus[0], pt_gpa=_PT_GPA, pt_size=_PT_SIZE)
     guest.map(_PROBE_GVA, _PROBE_GPA, MemType.UC)
-    gpa = plugin.device.blob_gpa(1)
-    for i, t in enumerate(guest_types):
-        plugin.guest_map_page(guest, _BLOB_GVA + 0x1000 * i, gpa + 0x1000 * i, t)
+    blob = plugin.device.blobs.get(1)
+    if blob is not None and blob.mapped:
+        gpa = plugin.device.blob_gpa(1)
+        for i, t in enumerate(guest_types):
+            plugin.guest_map_page(guest, _BLOB_GVA + 0x1000 * i, gpa + 0x1000 * i, t)
     return vm, plugin, guest
 
 
