@@ -267,9 +267,6 @@ class WalkResult:
     pkey: int = 0
 
 
-_GP0 = WalkResult(True, GP_VECTOR, 0, None, None)
-
-
 def permission_error(
     *,
     writable: bool,
@@ -354,12 +351,12 @@ def walk(
     W for writes, U for CPL=3 and I for fetches when EFER.NXE or CR4.SMEP
     is set (SDM Vol 3A §4.7; never I for NXE under 32-bit paging).
     """
-    if not cr0 & CR0_PG:
-        return WalkResult(False, None, 0, gva, None)
     write = access == "write"
     fetch = access == "fetch"
     if not (write or fetch or access == "read"):
         raise ValueError(f"access must be 'read', 'write' or 'fetch', not {access!r}")
+    if not cr0 & CR0_PG:
+        return WalkResult(False, None, 0, gva, None)
     pae_or_long = bool(cr4 & CR4_PAE)
     mode = paging_mode(
         cr4 & (CR4_PAE | CR4_LA57 | CR4_PSE),
@@ -369,7 +366,7 @@ def walk(
     )
     if mode.long:
         if not canonical(gva, mode.la57):
-            return _GP0
+            return WalkResult(True, GP_VECTOR, 0, None, None)
     else:
         gva &= 0xFFFFFFFF
     base_code = (PFERR_WRITE if write else 0) | (PFERR_USER if cpl == 3 else 0)
@@ -386,17 +383,18 @@ def walk(
     pte = 0
     info = mode.levels[0]
     for info in mode.levels:
-        addr = table + (((gva >> info.shift) & info.index_mask) << eshift)
+        level, shift, index_mask, rsvd, rsvd_huge, fill, nx_bit, _ = info
+        addr = table + (((gva >> shift) & index_mask) << eshift)
         pte = read_phys(addr) & emask
-        entries.append((info.level, addr, pte))
+        entries.append((level, addr, pte))
         if not pte & PTE_P:
             return _pf(base_code, entries, rights, nx)
-        huge = info.rsvd_huge >= 0 and pte & PTE_PS
-        if pte & (info.rsvd_huge if huge else info.rsvd):
+        huge = rsvd_huge >= 0 and pte & PTE_PS
+        if pte & (rsvd_huge if huge else rsvd):
             return _pf(base_code | PFERR_RSVD | PFERR_PRESENT, entries, rights, nx)
-        rights &= pte | info.rights_fill
-        nx |= pte & info.nx_bit
-        if huge or info.level == 1:
+        rights &= pte | fill
+        nx |= pte & nx_bit
+        if huge or level == 1:
             break
         table = pte & addr_mask
 
@@ -446,11 +444,9 @@ def _success(
         pat = (pte >> 12) & 1
     ad: dict[int, int] = {}
     last = len(entries) - 1
-    levels = mode.levels
-    top = levels[0].level
-    for i, (lvl, addr, val) in enumerate(entries):
-        if not levels[top - lvl].has_ad:
-            continue
+    # Every entry has an A flag except a PAE PDPTE (always the first).
+    for i in range(1 if mode.name == "pae" else 0, last + 1):
+        _, addr, val = entries[i]
         new = val | (PTE_A | PTE_D if write and i == last else PTE_A)
         if new != val:
             ad[addr] = ad.get(addr, 0) | new
