@@ -259,9 +259,13 @@ def get_mmio_spte_generation(spte: int) -> int:
     return gen
 
 
-def get_mmio_spte_gfn(spte: int) -> int:
-    """``get_mmio_spte_gfn`` (no L1TF relocation in the model)."""
-    return (spte & MMIO_GPA_MASK) >> PAGE_SHIFT
+def get_mmio_spte_gfn(spte: int, phys_bits: int = 46) -> int:
+    """``get_mmio_spte_gfn``: bits ``phys_bits-1:12`` (no L1TF relocation).
+
+    ``shadow_nonpresent_or_rsvd_lower_gfn_mask`` stops below the host
+    MAXPHYADDR, so MMIO marker bits above it (bit 51 on NPT) are not read.
+    """
+    return (spte & ((1 << phys_bits) - 1) & MMIO_GPA_MASK) >> PAGE_SHIFT
 
 
 def get_mmio_spte_access(fmt: SpteFormat, spte: int) -> int:

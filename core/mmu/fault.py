@@ -315,7 +315,9 @@ class FaultMixin(TdpBase):
             if not S.check_mmio_spte(spte, self.vm.memslots.generation):
                 return RET_PF_INVALID
             self._cache_mmio_info(
-                vcpu, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(self.fmt, spte)
+                vcpu,
+                S.get_mmio_spte_gfn(spte, self.host_maxphyaddr),
+                S.get_mmio_spte_access(self.fmt, spte),
             )
             return RET_PF_EMULATE
         return RET_PF_RETRY

@@ -1,0 +1,275 @@
+"""The TDP fault path: every RET_PF outcome, MMIO SPTEs, levels, fast path, races.
+
+Rules from arch/x86/kvm/mmu/mmu.c and tdp_mmu.c (spec/kvm-mmu.md §3.2–3.12,
+kvm-mmu-2.md §5).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+
+import kvmmu
+from kvmmu import spte as S
+from kvmmu.mmu import (
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+)
+
+HVA = 0x7F00_0000_0000
+R = PFERR_USER_MASK
+W = PFERR_WRITE_MASK | PFERR_USER_MASK
+
+
+def _vm(size: int = 8 << 20, page_level: int = 1, flags: int = 0, **cfg: Any) -> Any:
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor=cfg.pop("vendor", "vmx"), **cfg))
+    vm.host.mmap_anon(HVA, size, page_level=page_level)
+    vm.set_user_memory_region(0, flags, 0, size, HVA)
+    return vm
+
+
+def test_ret_pf_fixed_then_spurious() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    assert vm.mmu.page_fault(v, 0x3000, W) == RET_PF_FIXED
+    assert vm.mmu.page_fault(v, 0x3000, W | PFERR_PRESENT_MASK) == RET_PF_SPURIOUS
+    assert vm.stats["ret_pf.FIXED"] == 1 and vm.stats["pf_spurious"] == 1
+    assert vm.stats["pf_taken"] == 2
+    assert vm.mmu.check_invariants() == []
+
+
+def test_ret_pf_emulate_on_write_to_tracked_gfn() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.write_track_add_gfn(5)
+    # not-present fault on a tracked gfn: mapped read-only (§2.3 item 4)
+    assert vm.mmu.page_fault(v, 5 << 12, R) == RET_PF_FIXED
+    spte, level = vm.mmu.translate(5 << 12)
+    assert level == 1 and not spte & S.PT_WRITABLE_MASK
+    assert not spte & vm.spte_format.mmu_writable_mask
+    # present write: page_fault_handle_page_track -> EMULATE
+    assert vm.mmu.page_fault(v, 5 << 12, W | PFERR_PRESENT_MASK) == RET_PF_EMULATE
+    assert vm.mmu.check_invariants() == []
+
+
+def test_write_fault_not_present_on_tracked_gfn_is_wrprot_emulate() -> None:
+    vm = _vm()
+    vm.write_track_add_gfn(6)
+    assert vm.mmu.page_fault(vm.vcpus[0], 6 << 12, W) == RET_PF_EMULATE
+    spte, _ = vm.mmu.translate(6 << 12)
+    assert not spte & S.PT_WRITABLE_MASK
+
+
+def test_ret_pf_emulate_write_to_readonly_slot_not_mmio_cached() -> None:
+    vm = _vm(flags=kvmmu.KVM_MEM_READONLY)
+    v = vm.vcpus[0]
+    assert vm.mmu.page_fault(v, 0x2000, W) == RET_PF_EMULATE
+    assert vm.stats["pf_mmio_spte_created"] == 0
+    assert vm.mmu.translate(0x2000) is None
+    assert vm.mmu.page_fault(v, 0x2000, R) == RET_PF_FIXED
+    assert not vm.mmu.translate(0x2000)[0] & S.PT_WRITABLE_MASK
+
+
+def test_mmio_spte_created_for_gfn_without_slot() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    gpa = 0x1_0000_0000
+    assert vm.mmu.page_fault(v, gpa, R) == RET_PF_EMULATE
+    assert vm.stats["pf_mmio_spte_created"] == 1
+    hit = vm.mmu.translate(gpa)
+    assert hit is not None and S.is_mmio_spte(vm.spte_format, hit[0])
+    assert vm.mmu.fault_error_code(hit, False, False, False) == PFERR_RSVD_MASK
+    # the RSVD exit finds the vCPU's MMIO cache, then the SPTE: EMULATE
+    assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK) == RET_PF_EMULATE
+
+
+def test_mmio_spte_stale_after_generation_bump() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    gpa = 0x1_0000_0000
+    vm.mmu.page_fault(v, gpa, R)
+    vm.host.mmap_anon(HVA + (1 << 32), 1 << 21)
+    vm.set_user_memory_region(1, 0, gpa, 1 << 21, HVA + (1 << 32))  # generation moves
+    old = vm.mmu.translate(gpa)[0]
+    assert not S.check_mmio_spte(old, vm.memslots.generation)
+    # check_mmio_spte fails -> RET_PF_INVALID -> the normal path maps RAM
+    assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK) == RET_PF_FIXED
+    assert S.is_shadow_present_pte(vm.mmu.translate(gpa)[0])
+
+
+def test_rsvd_fault_on_non_mmio_spte_retries() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.mmu.page_fault(v, 0x1000, R)
+    assert vm.mmu.page_fault(v, 0x1000, PFERR_RSVD_MASK) == RET_PF_RETRY
+
+
+def test_gfn_above_max_gfn_emulates_without_mmio_spte() -> None:
+    vm = _vm()
+    gpa = (vm.mmu.max_gfn + 1) << 12
+    assert vm.mmu.page_fault(vm.vcpus[0], gpa, R) == RET_PF_EMULATE
+    assert vm.stats["pf_mmio_spte_created"] == 0
+
+
+def test_mmio_caching_disabled_emulates_immediately() -> None:
+    vm = _vm(vendor="svm", host_maxphyaddr=52)
+    assert not vm.spte_format.mmio_caching
+    assert vm.mmu.page_fault(vm.vcpus[0], 0x1_0000_0000, R) == RET_PF_EMULATE
+    assert vm.stats["pf_mmio_spte_created"] == 0
+
+
+def test_ret_pf_retry_on_invalid_slot() -> None:
+    vm = _vm()
+    slot = vm.memslots.gfn_to_memslot(0)
+    slot.flags |= 1 << 16  # KVM_MEMSLOT_INVALID (as install_invalid leaves it)
+    assert vm.mmu.page_fault(vm.vcpus[0], 0x1000, R) == RET_PF_RETRY
+    slot.flags &= ~(1 << 16)
+
+
+def test_efault_when_hva_has_no_vma() -> None:
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx"))
+    vm.set_user_memory_region(0, 0, 0, 1 << 20, HVA)
+    with pytest.raises(kvmmu.KvmError) as e:
+        vm.mmu.page_fault(vm.vcpus[0], 0x1000, R)
+    assert e.value.errno == errno.EFAULT and vm.stats["ret_pf.EFAULT"] == 1
+
+
+def _drive_to(gen: Any, step: str) -> None:
+    while next(gen) != step:
+        pass
+
+
+def test_hva_to_pfn_retry_when_invalidation_races() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    gen = vm.mmu.page_fault_steps(v, 0x4000, W)
+    _drive_to(gen, "faultin_pfn")
+    vm.invalidate_hva_range(HVA + 0x4000, HVA + 0x5000)  # reclaim: new pfn next time
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+    assert stop.value.value == RET_PF_RETRY
+    assert vm.mmu.translate(0x4000) is None
+    assert vm.mmu.check_invariants() == []
+
+
+def test_race_without_retry_check_installs_stale_pfn() -> None:
+    vm = _vm(mmu_notifier_retry_check=False)
+    gen = vm.mmu.page_fault_steps(vm.vcpus[0], 0x4000, W)
+    _drive_to(gen, "faultin_pfn")
+    vm.invalidate_hva_range(HVA + 0x4000, HVA + 0x5000)
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+    assert stop.value.value == RET_PF_FIXED
+    assert any("stale" in m for m in vm.mmu.check_invariants())
+
+
+def test_obsolete_root_fault_retries() -> None:
+    vm = _vm()
+    gen = vm.mmu.page_fault_steps(vm.vcpus[0], 0x4000, W)
+    _drive_to(gen, "mmu_lock")
+    vm.zap_all_fast()
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    assert stop.value.value == RET_PF_RETRY
+    assert vm.mmu.page_fault(vm.vcpus[0], 0x4000, W) == RET_PF_FIXED
+
+
+def test_hugepage_level_follows_host_thp() -> None:
+    vm = _vm(page_level=2)
+    vm.mmu.page_fault(vm.vcpus[0], 0x20_3000, W)
+    spte, level = vm.mmu.translate(0x20_3000)
+    assert level == 2 and S.spte_to_pfn(spte) % 512 == 0
+
+
+def test_hugepage_1g_on_hugetlbfs() -> None:
+    vm = _vm(size=1 << 30, page_level=3)
+    vm.mmu.page_fault(vm.vcpus[0], 0x1234_5000, R)
+    assert vm.mmu.translate(0x1234_5000)[1] == 3
+
+
+def test_disallow_count_forces_4k() -> None:
+    vm = _vm(page_level=2)
+    vm.write_track_add_gfn(0x205)
+    vm.mmu.page_fault(vm.vcpus[0], 0x20_0000, W)
+    assert vm.mmu.translate(0x20_0000)[1] == 1
+    assert vm.mmu.translate(0x20_0000)[0] & S.PT_WRITABLE_MASK  # only 0x205 is tracked
+
+
+def test_dirty_logging_forces_4k() -> None:
+    vm = _vm(page_level=2, flags=kvmmu.KVM_MEM_LOG_DIRTY_PAGES)
+    vm.mmu.page_fault(vm.vcpus[0], 0x20_0000, W)
+    assert vm.mmu.translate(0x20_0000)[1] == 1
+    assert list(vm.get_dirty_log(0)) == [0x200]
+
+
+def test_nx_huge_pages_exec_fault_maps_4k_and_stays_4k() -> None:
+    vm = _vm(page_level=2, nx_huge_pages=True)
+    v = vm.vcpus[0]
+    vm.mmu.page_fault(v, 0x20_0000, R)
+    spte, level = vm.mmu.translate(0x20_0000)
+    assert level == 2 and not spte & vm.spte_format.x_mask  # huge SPTEs never executable
+    # exec fault: split to 4K, children get X back (make_small_spte)
+    r = vm.mmu.page_fault(v, 0x20_0000, PFERR_FETCH_MASK | PFERR_PRESENT_MASK)
+    assert r == RET_PF_SPURIOUS
+    spte, level = vm.mmu.translate(0x20_0000)
+    assert level == 1 and spte & vm.spte_format.x_mask
+    # disallowed_hugepage_adjust: later non-exec faults do not rebuild the huge page
+    vm.zap_gfn_range(0x201, 0x202)
+    vm.mmu.page_fault(v, 0x20_1000, R)
+    assert vm.mmu.translate(0x20_1000)[1] == 1
+    assert vm.stats["nx_lpage_splits"] >= 1
+
+
+def test_fast_page_fault_on_dirty_log_write_protected_spte() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.mmu.page_fault(v, 0x7000, W)
+    vm.set_user_memory_region(0, kvmmu.KVM_MEM_LOG_DIRTY_PAGES, 0, 8 << 20, HVA)
+    spte, _ = vm.mmu.translate(0x7000)
+    assert not spte & S.PT_WRITABLE_MASK and spte & vm.spte_format.mmu_writable_mask
+    assert vm.mmu.page_fault(v, 0x7000, W | PFERR_PRESENT_MASK) == RET_PF_FIXED
+    assert vm.stats["pf_fast"] == 1
+    assert vm.mmu.translate(0x7000)[0] & S.PT_WRITABLE_MASK
+    assert list(vm.get_dirty_log(0)) == [7]
+
+
+def test_fast_page_fault_restores_access_tracked_spte_without_ad() -> None:
+    vm = _vm(plugins={"vmx": {"ept_ad": False}})
+    v = vm.vcpus[0]
+    vm.pre_fault_memory(0x8000, 0x1000)  # prefetch: created access-tracked
+    assert vm.mmu.translate(0x8000) is None
+    assert vm.mmu.page_fault(v, 0x8000, R) == RET_PF_FIXED
+    assert vm.stats["pf_fast"] == 1 and vm.mmu.translate(0x8000) is not None
+
+
+def test_prefetch_window_is_8_aligned() -> None:
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.mmu.tdp_mmu_enabled = False  # the legacy direct MMU prefetches
+    for g in range(0x10, 0x20):
+        vm.gfn_to_pfn(g, write=True)  # host pages present (GUP fast-only)
+    vm.mmu.page_fault(v, 0x13 << 12, W)
+    mapped = [g for g in range(0x0E, 0x1A) if vm.mmu.translate(g << 12) is not None]
+    assert mapped == list(range(0x10, 0x18))
+    spte, _ = vm.mmu.translate(0x14 << 12)
+    assert not spte & vm.spte_format.accessed_mask  # prefetched: not Accessed
+    assert vm.stats["pte_prefetch"] == 7
+
+
+def test_tdp_mmu_does_not_prefetch() -> None:
+    vm = _vm()
+    for g in range(0x10, 0x18):
+        vm.gfn_to_pfn(g, write=True)
+    vm.mmu.page_fault(vm.vcpus[0], 0x13 << 12, W)
+    assert vm.mmu.translate(0x14 << 12) is None
