@@ -438,3 +438,12 @@ def test_result_is_frozen() -> None:
     res = lwalk(Mem(), 0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.fault = False  # type: ignore[misc]
+
+
+def test_batch_walker_reexported() -> None:
+    from kvmmu import paging_batch
+
+    assert paging.walk_batch is paging_batch.walk_batch
+    assert paging.BatchWalkResult is paging_batch.BatchWalkResult
+    with pytest.raises(AttributeError):
+        _ = paging.no_such_name  # type: ignore[attr-defined]
