@@ -312,3 +312,13 @@ def test_hazard_table_rows_and_report_section() -> None:
     section = plugin.kvmmu_report_section(vm)
     assert section["design"] == "kvm_mem_wc" and len(section["hazard_table"]) == len(GUEST_TYPES)
     assert section["hazard_table"] == hazard_table(["vmx"], ["kvm_mem_wc"], ["6.16"])
+
+
+def test_proposed_flag_bit_is_refused_so_design_is_a_plugin_attribute() -> None:
+    """spec/kvm-mmu.md §1.3 checks 2/4: an unknown flag bit (crosvm's 1<<3) is EINVAL."""
+    vm, plugin, _ = build_scenario("vmx", "6.16", "kvm_mem_wc", guest_types=[WC])
+    vm.host.mmap_anon(0x7D00_0000_0000, 0x1000)
+    with pytest.raises(kvmmu.KvmError) as e:
+        vm.set_user_memory_region(40, 1 << 3, 0x2_0000_0000, 0x1000, 0x7D00_0000_0000)
+    assert e.value.errno == errno.EINVAL
+    assert plugin.design.value == "kvm_mem_wc"
