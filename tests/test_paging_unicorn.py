@@ -37,22 +37,24 @@ so a change would make the test fail rather than pass silently):
   own reserved-bit check (bits 29:13) or the permission check keeps A set:
   not architectural for a leaf (SDM Vol 3A §4.8). On a fault the test
   expects exactly those A bits and nothing else.
-- On a faulting instruction fetch, unicorn's translator also reads the byte
-  at GVA-1 with a data access; if that read faults too it overwrites CR2 and
-  the error code (we saw CR2 = GVA-1, error code 0). So every fetch target
-  is aligned to the top-level boundary (lower indices 0, page offset 0) and
-  GVA-1 is mapped through a separate top-level entry to an accessible
-  4 KiB guard page. Fetch targets therefore always use index 0 below the
-  top level; reads and writes use random indices and offsets. Top-level
-  index 256 is never a fetch target: GVA-1 would be non-canonical and the
-  stray read raises #GP even after a successful fetch.
+- Around an instruction fetch unicorn also touches GVA-1 (cause not traced
+  in its source). Observed: if GVA-1 is unmapped, the hook reports #PF with
+  CR2 = GVA-1 and error code 0 (even at CPL 3) instead of the fetch's own
+  fault; if GVA-1 is non-canonical, #GP follows even a successful fetch.
+  So every fetch target is aligned to a top-level boundary (lower indices
+  0, page offset 0), GVA-1 is mapped, through entries off the target's path,
+  to an accessible 4 KiB guard page, and top-level index 256 (GVA-1
+  non-canonical) is never a fetch target. Reads and writes use random
+  indices and offsets.
 - The GPA of a fetch is not observable (unicorn's memory hooks see data
   accesses only, and they report the physical address); fetch cases compare
   fault/vector/error code/A/D, data cases compare the GPA too.
 
 Not covered here (each is covered by hand-built tests in test_paging.py):
-PAE PDPTE reserved bits 1-2 and 5-8 (QEMU's walker does not check them; real
-hardware rejects them at MOV CR3), and MAXPHYADDR other than 40.
+PAE PDPTE reserved bits 1-2 and 5-8 (checked: QEMU 5.0's walker ignores them;
+real hardware rejects them at MOV CR3 with #GP, our walker fails the walk
+with #PF(RSVD)), PSE-36 address bits 20:13 of a 4 MiB PDE (they would place
+the page above unicorn's 2 GiB of RAM), and MAXPHYADDR other than 40.
 """
 
 from __future__ import annotations
