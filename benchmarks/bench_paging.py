@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     words = mem.view(np.uint64).tolist()
 
     def read_phys(addr: int) -> int:
-        return words[addr >> 3]  # type: ignore[no-any-return]
+        value: int = words[addr >> 3]
+        return value
 
     read_many = array_reader(mem)
     gvas = random_gvas(args.n)

@@ -339,11 +339,10 @@ def test_self_referencing_table_merges_ad() -> None:
     assert res.ad_writes == {CR3: CR3 | PRW | PTE_A | PTE_D}
 
 
-def pae_walk(mem: Mem, gva: int, **kw: int) -> WalkResult:
+def pae_walk(mem: Mem, gva: int, access: str = "read", **kw: int) -> WalkResult:
     args = {"cr0": CR0_PG | CR0_WP, "cr3": 0x20, "cr4": CR4_PAE, "efer": EFER_NXE, "cpl": 0}
     args.update(kw)
-    args.setdefault("access", "read")  # type: ignore[arg-type]
-    return walk(mem.read, gva=gva, **args)  # type: ignore[arg-type]
+    return walk(mem.read, gva=gva, access=access, **args)  # type: ignore[arg-type]
 
 
 def test_pae_paging() -> None:
@@ -446,4 +445,4 @@ def test_batch_walker_reexported() -> None:
     assert paging.walk_batch is paging_batch.walk_batch
     assert paging.BatchWalkResult is paging_batch.BatchWalkResult
     with pytest.raises(AttributeError):
-        _ = paging.no_such_name  # type: ignore[attr-defined]
+        _ = paging.no_such_name
