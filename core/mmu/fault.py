@@ -13,7 +13,7 @@ at those points; :meth:`FaultMixin.page_fault` drives the generator through.
 from __future__ import annotations
 
 import errno
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from kvmmu import spte as S
@@ -538,8 +538,13 @@ class FaultMixin(TdpBase):
                 mt_mask=vm.hooks.get_mt_mask(f.vcpu, gfn, host.is_mmio_pfn(pfn)),
                 nx_huge_pages=self.nx_huge_pages,
                 ad_disabled=self.ad_disabled,
-                try_unsync=lambda: tracked,
+                try_unsync=_const(tracked),
             )
             self.pool.data[idx, i] = new
             vm.stats["pte_prefetch"] += 1
         return True
+
+
+def _const(value: int) -> Callable[[], int]:
+    """A ``try_unsync`` callback whose answer is already known."""
+    return lambda: value
