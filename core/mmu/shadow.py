@@ -1,0 +1,555 @@
+"""The shadow MMU (``tdp = false``): KVM's shadow paging of the guest's tables.
+
+``ShadowMmu(vm)`` is what the VM builds when TDP is off. It keeps one shadow
+root per (guest CR3, role), built level by level by ``FNAME(fetch)`` from
+the guest's own tables (``arch/x86/kvm/mmu/paging_tmpl.h``, ``mmu.c``;
+spec/kvm-mmu.md §2.3–2.4, §3.7–3.9, §3.12–3.15). The pieces:
+
+* :mod:`kvmmu.mmu.shadow_walk` - ``walk_addr_generic`` on :func:`kvmmu.paging.walk`;
+* :mod:`kvmmu.mmu.shadow_page` - sps, ``account_shadowed``, rmap, zap;
+* :mod:`kvmmu.mmu.shadow_sync` - leaves, unsync, prefetch, sync, ``kvm_mmu_track_write``;
+* :mod:`kvmmu.mmu.shadow_fetch` - ``FNAME(page_fault)`` / ``FNAME(fetch)`` as steps;
+* this module - the hardware walk of a shadow root (``access``), CR3 switches
+  (``load_pgd``), INVLPG, VM-wide zaps, MMU notifiers and the invariants.
+
+The shadow tables are rows of the MMU core's ``SptePool`` in the shadow
+(x86 PTE) ``SpteFormat`` the vendor returns; leaves come from
+:func:`kvmmu.spte.make_spte`. Decisions where the spec is silent are in
+docs/shadow.md.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from kvmmu import paging
+from kvmmu import spte as S
+from kvmmu.errors import KvmError
+from kvmmu.mmu.fault import (
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    RET_PF_EMULATE,
+    RET_PF_INVALID,
+    RET_PF_RETRY,
+)
+from kvmmu.mmu.shadow_fetch import FaultStep, ShadowFetch
+from kvmmu.mmu.shadow_page import KVM_MMU_NUM_PREV_ROOTS, MmuLockContended, ShadowPage
+from kvmmu.mmu.shadow_walk import gpte_access, gpte_to_gfn
+from kvmmu.quirks import KVM_X86_QUIRK_SLOT_ZAP_ALL
+
+if TYPE_CHECKING:
+    import numpy as np
+    from kvmmu.memslot import Memslot
+    from kvmmu.vcpu import AccessResult, VCpu
+
+__all__ = ["MAX_EXITS", "FaultStep", "MmuLockContended", "ShadowMmu", "drive"]
+
+#: A fault loop that has not converged after this many exits is a model bug.
+MAX_EXITS = 32
+_P = S.PT_PRESENT_MASK
+_W = S.PT_WRITABLE_MASK
+_PS = S.PT_PAGE_SIZE_MASK
+
+
+class ShadowMmu(ShadowFetch):
+    """KVM's shadow MMU for one VM (``vm.config.tdp`` False)."""
+
+    # ------------------------------------------------------------- roots
+    def root_pgd(self, vcpu: VCpu) -> int:
+        """The guest root table gfn (CR3 bits 51:12), 0 with paging off."""
+        if not vcpu.cr0 & paging.CR0_PG:
+            return 0
+        return (vcpu.cr3 & S.SPTE_BASE_ADDR_MASK) >> 12
+
+    def put_root(self, root: ShadowPage) -> None:
+        """``mmu_free_root_page``: drop a reference; an invalid root is freed."""
+        root.root_count -= 1
+        if root.root_count == 0 and root.invalid:
+            self.free_page(root)
+
+    def free_roots(self, vcpu: VCpu, *, prev: bool = True) -> None:
+        """``kvm_mmu_free_roots`` (current and, with ``prev``, the cached ones)."""
+        st = self.vstate(vcpu)
+        if st.root is not None:
+            self.put_root(st.root)
+            st.root = None
+        if prev:
+            for _pgd, r in st.prev_roots:
+                self.put_root(r)
+            st.prev_roots = []
+
+    def alloc_root(self, vcpu: VCpu) -> ShadowPage:
+        """``mmu_alloc_shadow_roots`` / ``mmu_alloc_direct_roots`` (4-/5-level)."""
+        role = self.base_role(vcpu)
+        root = self.get_page(vcpu, self.root_pgd(vcpu), role)
+        root.root_count += 1
+        return root
+
+    def reload(self, vcpu: VCpu) -> ShadowPage:
+        """``kvm_mmu_free_obsolete_roots`` + ``kvm_mmu_load`` (+ ``kvm_mmu_sync_roots``)."""
+        st = self.vstate(vcpu)
+        keep = []
+        for pgd, r in st.prev_roots:
+            if self.is_obsolete(r):
+                self.put_root(r)
+            else:
+                keep.append((pgd, r))
+        st.prev_roots = keep
+        if st.root is not None and self.is_obsolete(st.root):
+            self.put_root(st.root)
+            st.root = None
+        if st.root is None:
+            st.root = self.alloc_root(vcpu)
+            st.pgd = self.root_pgd(vcpu)
+            self.sync_roots(vcpu)
+        return st.root
+
+    def sync_roots(self, vcpu: VCpu) -> None:
+        """``kvm_mmu_sync_roots``: sync the unsync tables below the root (§3.15)."""
+        root = self.vstate(vcpu).root
+        if root is not None and not root.role.direct and root.unsync_children:
+            self._need_lock("kvm_mmu_sync_roots")
+            self.mmu_sync_children(vcpu, root)
+
+    def load_pgd(self, vcpu: VCpu) -> None:
+        """``kvm_mmu_reset_context`` / ``kvm_mmu_new_pgd`` after CR0/CR3/CR4/EFER writes.
+
+        A new paging mode (role) frees every root. A CR3 switch keeps the old
+        root in ``prev_roots`` (``KVM_MMU_NUM_PREV_ROOTS`` = 3, LRU) and reuses a
+        cached root for the new CR3 (``fast_pgd_switch``); then the roots are
+        synced (``KVM_REQ_MMU_SYNC``) and the root's flooding count cleared
+        (spec/kvm-mmu.md §3.15). A paging mode the model does not cover
+        leaves no root; the next access raises.
+        """
+        st = self.vstate(vcpu)
+        try:
+            role = self.base_role(vcpu)
+        except KvmError:
+            self.free_roots(vcpu)
+            return
+        pgd = self.root_pgd(vcpu)
+        cur = st.root
+        if cur is not None and (cur.role != role or self.is_obsolete(cur)):
+            self.free_roots(vcpu)
+            cur = None
+        if cur is not None and st.pgd == pgd:
+            self.sync_roots(vcpu)
+            return
+        found = None
+        for n, (p, r) in enumerate(st.prev_roots):
+            if p == pgd and r.role == role and not self.is_obsolete(r):
+                found = r
+                del st.prev_roots[n]
+                break
+        if cur is not None:
+            st.prev_roots.insert(0, (st.pgd, cur))
+            while len(st.prev_roots) > KVM_MMU_NUM_PREV_ROOTS:
+                _p, old = st.prev_roots.pop()
+                self.put_root(old)
+        st.root = found if found is not None else self.alloc_root(vcpu)
+        st.pgd = pgd
+        st.root.write_flooding_count = 0
+        self.vm.stats["mmu_new_pgd"] += 1
+        self.sync_roots(vcpu)
+
+    # ------------------------------------------------------- hardware view
+    def hw_walk(
+        self, vcpu: VCpu, root: ShadowPage, gva: int, write: bool, fetch: bool
+    ) -> tuple[int | None, ShadowPage, int, int]:
+        """The CPU walking the shadow root for ``gva``.
+
+        Returns ``(error_code, sp, index, spte)``: error ``None`` on a hit. Shadow
+        paging runs the hardware with CR0.WP=1 (the guest's WP=0 is emulated
+        by the fault path) and the guest's SMEP/SMAP; an MMIO SPTE faults with
+        RSVD|P. Protection keys are not exposed to a guest without TDP.
+        """
+        user = vcpu.cpl == 3
+        base = (PFERR_WRITE_MASK if write else 0) | (PFERR_USER_MASK if user else 0)
+        if fetch and (vcpu.efer & paging.EFER_NXE or vcpu.cr4 & paging.CR4_SMEP):
+            base |= PFERR_FETCH_MASK
+        data = self._data
+        nx_mask = self.fmt.nx_mask
+        sp = root
+        w = u = True
+        nx = False
+        while True:
+            level = sp.role.level
+            i = (gva >> (12 + 9 * (level - 1))) & 511
+            spte = int(data[sp.idx, i])
+            if not spte & _P:
+                return base, sp, i, spte
+            if S.is_mmio_spte(self.fmt, spte):
+                return base | PFERR_RSVD_MASK | PFERR_PRESENT_MASK, sp, i, spte
+            w = w and bool(spte & _W)
+            u = u and bool(spte & self.fmt.user_mask)
+            nx = nx or bool(spte & nx_mask)
+            if level == 1 or spte & _PS:
+                err = paging.permission_error(
+                    writable=w,
+                    user=u,
+                    nx=nx,
+                    cpl=vcpu.cpl,
+                    write=write,
+                    fetch=fetch,
+                    cr0=vcpu.cr0 | paging.CR0_WP,
+                    cr4=vcpu.cr4,
+                    rflags_ac=vcpu.rflags_ac,
+                    pk_bits=0,
+                )
+                return (base | err) if err else None, sp, i, spte
+            sp = self.child_sp(spte)
+
+    def kvm_mmu_page_fault(self, vcpu: VCpu, gva: int, error_code: int) -> int:
+        """``kvm_mmu_page_fault`` (spec/kvm-mmu.md §3.2): RSVD -> the MMIO path.
+
+        ``handle_mmio_page_fault``: a current-generation MMIO SPTE -> EMULATE
+        with its gpa; a stale one -> INVALID, i.e. the normal fault rebuilds it;
+        no longer MMIO -> RETRY.
+        """
+        if error_code & PFERR_RSVD_MASK:
+            root = self.vstate(vcpu).root
+            assert root is not None
+            _e, _sp, _i, spte = self.hw_walk(vcpu, root, gva, False, False)
+            r = RET_PF_RETRY
+            if S.is_mmio_spte(self.fmt, spte):
+                if S.check_mmio_spte(spte, self.vm.memslots.generation):
+                    self.vstate(vcpu).gpa = (S.get_mmio_spte_gfn(spte) << 12) | (gva & 0xFFF)
+                    self.vm.stats["pf_mmio_emulate"] += 1
+                    return RET_PF_EMULATE
+                r = RET_PF_INVALID
+            if r != RET_PF_INVALID:
+                return r
+        self.vm.stats["pf_taken"] += 1
+        return self.page_fault(vcpu, gva, error_code)
+
+    def access(
+        self, vcpu: VCpu, gva: int, kind: str, size: int, data: bytes | None
+    ) -> AccessResult:
+        """One guest access within a page through the vCPU's shadow root.
+
+        Hit -> the bytes, A (and D on a write) set in the leaf, the vendor's
+        memory type. Miss or violation -> ``kvm_mmu_page_fault``; a failed
+        guest walk is injected (``AccessResult.fault``); EMULATE goes to the
+        vCPU's emulator (``x86_emulate_instruction``).
+        """
+        from kvmmu.errors import GuestFault
+        from kvmmu.memtype import pat_index, pat_type
+        from kvmmu.vcpu import AccessResult
+
+        write = kind == "write"
+        fetch = kind == "fetch"
+        st = self.vstate(vcpu)
+        exits = 0
+        paging_on = bool(vcpu.cr0 & paging.CR0_PG)
+        if paging_on and not vcpu.efer & paging.EFER_LMA:
+            self.guest_root_level(vcpu)
+        if paging_on and not paging.canonical(gva, bool(vcpu.cr4 & paging.CR4_LA57)):
+            return AccessResult(None, GuestFault(paging.GP_VECTOR, 0, gva), None, None, None)
+        while True:
+            root = self.reload(vcpu)
+            err, sp, i, spte = self.hw_walk(vcpu, root, gva, write, fetch)
+            if err is None:
+                level = sp.role.level
+                size_mask = (S.KVM_PAGES_PER_HPAGE(level) << 12) - 1
+                gfn = self.leaf_gfn(sp, i) + ((gva & size_mask) >> 12)
+                gpa = (gfn << 12) | (gva & 0xFFF)
+                hpa = (spte & S.SPTE_BASE_ADDR_MASK & ~size_mask) + (gva & size_mask)
+                new = spte | self.fmt.accessed_mask
+                if write:
+                    new |= self.fmt.dirty_mask
+                if new != spte:
+                    self._data[sp.idx, i] = new
+                out = vcpu._touch(hpa, size, data)
+                gpat = None
+                if paging_on:
+                    g = sp.gpat.get(i, 0)
+                    gpat = pat_type(vcpu.pat, pat_index(g >> 2, (g >> 1) & 1, g & 1))
+                memtype = self.vm.hooks.effective_memtype(vcpu, new, gpat, hpa)
+                vcpu._trace(kind, gva, gpa, hpa, new, memtype.name, "ok")
+                self.vm.stats["accesses"] += 1
+                return AccessResult(out, None, gpa, hpa, memtype, new, level, exits=exits)
+            exits += 1
+            if exits > MAX_EXITS:
+                raise KvmError(errno.EFAULT, f"shadow fault on gva {gva:#x} did not converge")
+            r = self.kvm_mmu_page_fault(vcpu, gva, err)
+            if st.fault is not None:
+                fault, st.fault = st.fault, None
+                vcpu._trace(kind, gva, None, None, None, None, "guest_fault")
+                return AccessResult(None, fault, None, None, None, exits=exits)
+            if r == RET_PF_EMULATE:
+                return vcpu._emulate(gva, st.gpa, kind, size, data, exits)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------- INVLPG
+    def invlpg(self, vcpu: VCpu, gva: int) -> None:
+        """``kvm_mmu_invlpg`` -> ``kvm_mmu_invalidate_addr`` (all roots; §3.15).
+
+        In each root walk to the leaf for ``gva``: an unsync leaf table's
+        entry is synced (``sync_spte``), zapped if that fails; walking stops
+        where no unsync child is below.
+        """
+        self._need_lock("INVLPG")
+        st = self.vstate(vcpu)
+        roots = ([st.root] if st.root is not None else []) + [r for _p, r in st.prev_roots]
+        for root in roots:
+            if root.invalid or root.role.direct:
+                continue
+            sp = root
+            while True:
+                level = sp.role.level
+                i = (gva >> (12 + 9 * (level - 1))) & 511
+                spte = self.spte(sp, i)
+                if S.is_last_spte(spte, level):
+                    if sp.unsync and S.is_shadow_present_pte(spte):
+                        gfn, nr = self.spte_flush_range(sp, i)
+                        r = self.sync_spte(vcpu, sp, i)
+                        if r < 0:
+                            self.drop_spte(sp, i)
+                        if r:
+                            self.flush_gfns(gfn, nr)
+                    break
+                if not sp.unsync_children or not S.is_shadow_present_pte(spte):
+                    break
+                sp = self.child_sp(spte)
+        self.vm.stats["mmu_invlpg"] += 1
+
+    # --------------------------------------------------------------- zaps
+    def _zap_leafs(self, start: int, end: int, *, wrprot_only: bool = False) -> tuple[int, int]:
+        """Zap (or write-protect for dirty logging) every leaf mapping [start, end).
+
+        Returns the hull of the gfns changed (``lo >= hi``: nothing changed).
+        """
+        lo, hi = self.max_gfn + 1, 0
+        for key in list(self.rmap):
+            for sp, i in list(self.rmap.get(key, ())):
+                nr = S.KVM_PAGES_PER_HPAGE(sp.role.level)
+                if key >= end or key + nr <= start:
+                    continue
+                if wrprot_only:
+                    spte = self.spte(sp, i)
+                    if not spte & _W:
+                        continue
+                    self.set_spte(sp, i, spte & ~_W)
+                elif not self.drop_spte(sp, i):
+                    continue
+                lo, hi = min(lo, key), max(hi, key + nr)
+        return lo, hi
+
+    def _flush_hull(self, hull: tuple[int, int]) -> None:
+        lo, hi = hull
+        if lo < hi:
+            self.flush_gfns(lo, hi - lo)
+
+    def zap_gfn_range(self, start: int, end: int) -> None:
+        """``kvm_zap_gfn_range``: begin, zap the rmaps of [start, end), flush, end (§3.14)."""
+        if start >= end:
+            return
+        self._need_lock("kvm_zap_gfn_range")
+        self.invalidate.begin()
+        self.invalidate.range_add(start, end)
+        try:
+            self._flush_hull(self._zap_leafs(start, end))
+        finally:
+            self.invalidate.end()
+
+    def zap_all_fast(self) -> None:
+        """``kvm_mmu_zap_all_fast`` (spec/kvm-mmu.md §3.14).
+
+        Toggle ``mmu_valid_gen``, tell plugins, zap every obsolete sp (roots in
+        use become invalid; vCPUs reload before their next access), one flush.
+        """
+        self._need_lock("kvm_mmu_zap_all_fast")
+        self.mmu_valid_gen ^= 1
+        self.vm.stats["mmu_zap_all_fast"] += 1
+        self.vm.hooks.zap_all_fast(self.mmu_valid_gen)
+        flush = False
+        for sp in list(self.active.values()):
+            if sp.mmu_valid_gen != self.mmu_valid_gen:
+                flush |= self.zap_page(sp, flush_now=False)
+        if flush:
+            self.flush_all()
+
+    def flush_shadow_memslot(self, slot: Memslot) -> None:
+        """``kvm_arch_flush_shadow_memslot`` (DELETE/MOVE; spec/kvm-mmu.md §3.14).
+
+        Before 6.12, or with ``KVM_X86_QUIRK_SLOT_ZAP_ALL``: ``zap_all_fast``;
+        otherwise ``kvm_mmu_zap_memslot``: the slot's leaves and the shadow
+        pages of guest tables inside it.
+        """
+        era = getattr(self.vm, "era", None)
+        if (era is not None and era < (6, 12)) or self.vm.has_quirk(KVM_X86_QUIRK_SLOT_ZAP_ALL):
+            self.zap_all_fast()
+            return
+        self._need_lock("kvm_mmu_zap_memslot")
+        hull = self._zap_leafs(slot.base_gfn, slot.end_gfn)
+        flush = False
+        for sp in list(self.active.values()):
+            if not sp.role.direct and slot.base_gfn <= sp.gfn < slot.end_gfn:
+                flush |= self.zap_page(sp, flush_now=False)
+        if flush:
+            self.flush_all()
+        else:
+            self._flush_hull(hull)
+
+    def slot_apply_flags(self, old: Memslot | None, new: Memslot | None, change: Any) -> None:
+        """``kvm_mmu_slot_apply_flags`` (spec/kvm-mmu-2.md §7.1), FLAGS_ONLY only.
+
+        Enabling dirty logging write-protects every leaf of the slot (W only:
+        MMU-writable stays, as for dirty logging), unless the bitmap starts
+        all-set (manual protect + INITIALLY_SET). Disabling recovers nothing
+        eagerly: huge leaves come back as faults rebuild them.
+        """
+        from kvmmu.memslot import MemslotChange
+
+        if change is not MemslotChange.FLAGS_ONLY or old is None or new is None:
+            return
+        if new.is_readonly or not new.logs_dirty or old.logs_dirty:
+            return
+        ms = self.vm.memslots
+        if ms.manual_dirty_log_protect and ms.dirty_log_initially_set:
+            return
+        self._need_lock("kvm_mmu_slot_remove_write_access")
+        self._flush_hull(self._zap_leafs(new.base_gfn, new.end_gfn, wrprot_only=True))
+
+    def write_protect_gfns(self, gfns: np.ndarray) -> None:
+        """``kvm_arch_mmu_enable_log_dirty_pt_masked``: clear W on the harvested gfns."""
+        self._need_lock("kvm_mmu_write_protect_pt_masked")
+        lo, hi = self.max_gfn + 1, 0
+        for g in (int(x) for x in gfns):
+            a, b = self._zap_leafs(g, g + 1, wrprot_only=True)
+            lo, hi = min(lo, a), max(hi, b)
+        self._flush_hull((lo, hi))
+
+    # ------------------------------------------------------- MMU notifiers
+    def invalidate_range_start(self, hva_start: int, hva_end: int) -> None:
+        """``kvm_mmu_notifier_invalidate_range_start``: begin, add, zap leaves, flush."""
+        ranges = self.vm.memslots.hva_range_to_gfn_ranges(hva_start, hva_end)
+        self._mn_found.append((hva_start, hva_end, bool(ranges)))
+        if not ranges:
+            return
+        self._need_lock("kvm_mmu_notifier_invalidate_range_start")
+        self.invalidate.begin()
+        lo, hi = self.max_gfn + 1, 0
+        for _slot, g0, g1 in ranges:
+            self.invalidate.range_add(g0, g1)
+            a, b = self._zap_leafs(g0, g1)
+            lo, hi = min(lo, a), max(hi, b)
+        self._flush_hull((lo, hi))
+
+    def invalidate_range_end(self, hva_start: int, hva_end: int) -> None:
+        """``kvm_mmu_notifier_invalidate_range_end``: ``invalidate_end`` if start found a slot."""
+        for n, (s, e, found) in enumerate(self._mn_found):
+            if s == hva_start and e == hva_end:
+                del self._mn_found[n]
+                if found:
+                    self.invalidate.end()
+                return
+        raise ValueError(f"invalidate_range_end [{hva_start:#x}, {hva_end:#x}) without a start")
+
+    def pre_fault_memory(self, gpa: int, size: int) -> int:
+        """``kvm_arch_vcpu_pre_fault_memory``: refused without TDP (spec/kvm-mmu-2.md §6)."""
+        raise KvmError(
+            errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY: the vCPU's MMU is not TDP (shadow paging)"
+        )
+
+    # --------------------------------------------------------- invariants
+    def check_invariants(self) -> list[str]:
+        """The shadow MMU's invariants (issue 7 item 4), as messages.
+
+        1. Every present shadow SPTE corresponds to the guest's current
+           translation - the gPTE at the sp's guest table is present, points
+           where the SPTE points and grants at least the SPTE's permissions -
+           unless its table is unsync (write-protection dropped, pending sync).
+        2. No writable SPTE maps a gfn holding a shadowed guest page table
+           (except when all of that gfn's sps are unsync), nor a write-tracked gfn.
+        3. Structure: parent links, rmap and hash agree with the tables.
+        """
+        out: list[str] = []
+        valid = list(self.active.values())
+        wp_gfns: set[int] = set()
+        for sp in valid:
+            if not sp.role.direct and not sp.unsync:
+                wp_gfns.add(sp.gfn)
+        for sp in valid:
+            out.extend(self._check_sp(sp))
+        for key, entries in self.rmap.items():
+            for sp, i in entries:
+                spte = self.spte(sp, i)
+                if not S.is_shadow_present_pte(spte) or sp.gfns.get(i, -1) != key:
+                    out.append(f"shadow: rmap of gfn {key:#x} lists a stale entry {sp!r}[{i}]")
+                    continue
+                if not spte & _W:
+                    continue
+                nr = S.KVM_PAGES_PER_HPAGE(sp.role.level)
+                hits = [g for g in wp_gfns if key <= g < key + nr]
+                if hits:
+                    out.append(
+                        f"shadow: writable SPTE {sp!r}[{i}] maps shadowed guest table "
+                        f"gfn {hits[0]:#x}"
+                    )
+                slot = self.vm.memslots.gfn_to_memslot(key)
+                if self.vm.page_track.is_write_tracked(slot, key):
+                    out.append(f"shadow: writable SPTE maps write-tracked gfn {key:#x}")
+        return out
+
+    def _check_sp(self, sp: ShadowPage) -> list[str]:
+        out: list[str] = []
+        nx_on = sp.role.efer_nx
+        for i in (int(x) for x in self._data[sp.idx].nonzero()[0]):
+            spte = self.spte(sp, i)
+            if S.is_mmio_spte(self.fmt, spte) or not S.is_shadow_present_pte(spte):
+                continue
+            leaf = S.is_last_spte(spte, sp.role.level)
+            if not leaf:
+                child = self.child_sp(spte)
+                if (sp, i) not in child.parent_ptes or child.invalid:
+                    out.append(f"shadow: {sp!r}[{i}] links {child!r} without a parent link")
+            if sp.role.direct:
+                continue
+            gpte = self.read_gpte((sp.gfn << 12) + i * 8)
+            if sp.unsync and leaf:
+                continue
+            where = f"{sp!r}[{i}]"
+            if gpte is None or not gpte & paging.PTE_P:
+                out.append(f"shadow: {where} is present but the guest entry is not")
+                continue
+            if not leaf:
+                child = self.child_sp(spte)
+                huge = bool(gpte & paging.PTE_PS)
+                target = gpte_to_gfn(gpte, sp.role.level if huge else 1)
+                if child.gfn != target or huge != child.role.direct:
+                    out.append(
+                        f"shadow: {where} links {child!r} but the guest entry points to "
+                        f"gfn {target:#x}"
+                    )
+                continue
+            target = gpte_to_gfn(gpte, sp.role.level)
+            if sp.gfns.get(i) != target:
+                out.append(
+                    f"shadow: {where} maps gfn {sp.gfns.get(i, -1):#x}, the guest entry "
+                    f"gfn {target:#x}"
+                )
+            allowed = sp.role.access & gpte_access(gpte, nx_on)
+            wp_ok = allowed & S.ACC_WRITE_MASK and gpte & paging.PTE_D
+            if spte & _W and not wp_ok and (sp.role.cr0_wp or allowed & S.ACC_USER_MASK):
+                out.append(f"shadow: {where} is writable but the guest entry is not")
+            if spte & self.fmt.user_mask and not allowed & S.ACC_USER_MASK:
+                out.append(f"shadow: {where} is user-accessible but the guest entry is not")
+        return out
+
+
+def drive(gen: Any, on_step: Any = None) -> int:
+    """Run a :meth:`ShadowMmu.page_fault_steps` generator to its end.
+
+    ``on_step(step)`` is called at every :class:`FaultStep`; returns ``RET_PF_*``.
+    """
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return int(stop.value)
+        if on_step is not None:
+            on_step(step)

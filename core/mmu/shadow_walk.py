@@ -1,0 +1,136 @@
+"""The shadow MMU's guest walk: ``FNAME(walk_addr_generic)`` as a ``guest_walker``.
+
+The architectural walk is :func:`kvmmu.paging.walk`; this module turns its
+result into KVM's ``struct guest_walker`` (``arch/x86/kvm/mmu/paging_tmpl.h``;
+spec/kvm-mmu.md §3.7): per level the table gfn, the gPTE's address and
+value, and the access accumulated above it (``pt_access``), the leaf's
+``pte_access`` after ``protect_clean_gpte``, and the A/D updates, which are
+written into guest memory as ``update_accessed_dirty_bits`` does (a cmpxchg
+through the host mapping: no page-track notification) with ``ptes[]``
+updated to the values written, so ``gpte_changed`` compares against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvmmu import paging
+from kvmmu.errors import GuestFault
+from kvmmu.spte import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
+
+if TYPE_CHECKING:
+    from kvmmu.vcpu import VCpu
+
+__all__ = [
+    "GPTE_ADDR_MASK",
+    "GuestWalker",
+    "gpte_access",
+    "gpte_to_gfn",
+    "protect_clean_gpte",
+    "walk_addr",
+]
+
+#: ``PT64_BASE_ADDR_MASK``: bits 51:12 of a 64-bit gPTE.
+GPTE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
+
+
+def gpte_access(gpte: int, nx_enabled: bool) -> int:
+    """``FNAME(gpte_access)`` for 64-bit gPTEs (spec/kvm-mmu.md §3.7).
+
+    ``access = gpte & (W|U|P)`` then ``access ^= gpte >> 63``: P with NX
+    clear becomes ``ACC_EXEC_MASK``. With EFER.NXE=0 bit 63 is reserved, so
+    a valid gPTE is always executable.
+    """
+    access = ACC_EXEC_MASK | (gpte & (ACC_WRITE_MASK | ACC_USER_MASK))
+    if nx_enabled and gpte & paging.PTE_NX:
+        access &= ~ACC_EXEC_MASK
+    return access
+
+
+def protect_clean_gpte(access: int, gpte: int) -> int:
+    """``FNAME(protect_clean_gpte)``: no W unless the gPTE's D bit is set (§3.7)."""
+    if not gpte & paging.PTE_D:
+        access &= ~ACC_WRITE_MASK
+    return access
+
+
+def gpte_to_gfn(gpte: int, level: int = 1) -> int:
+    """``gpte_to_gfn_lvl``: the frame a gPTE points to (aligned for a huge leaf)."""
+    frame = gpte & GPTE_ADDR_MASK
+    if level > 1:
+        frame &= ~((1 << (12 + 9 * (level - 1))) - 1)
+    return frame >> 12
+
+
+@dataclass(slots=True)
+class GuestWalker:
+    """``struct guest_walker`` (paging_tmpl.h), indexed ``[level - 1]``.
+
+    ``fault`` is the exception to inject when the walk failed. ``gpa`` is
+    the translated address (offset included); ``gfn`` = ``gpa >> 12`` (for a
+    huge leaf: the leaf frame plus the 4K index inside it, as KVM's
+    ``walker->gfn``). ``gpat`` is the leaf's (PAT, PCD, PWT) index.
+    """
+
+    gva: int
+    fault: GuestFault | None = None
+    level: int = 0
+    max_level: int = 0
+    gfn: int = 0
+    gpa: int = 0
+    pte_access: int = ACC_ALL
+    pt_access: list[int] = field(default_factory=lambda: [0] * 5)
+    table_gfn: list[int] = field(default_factory=lambda: [0] * 5)
+    pte_gpa: list[int] = field(default_factory=lambda: [0] * 5)
+    ptes: list[int] = field(default_factory=lambda: [0] * 5)
+    prefetch_ptes: list[int] = field(default_factory=lambda: [0] * 8)
+    gpat: int = 0
+
+
+def walk_addr(vcpu: VCpu, gva: int, kind: paging.Access, cpl: int) -> GuestWalker:
+    """``FNAME(walk_addr)`` over the vCPU's guest tables (spec/kvm-mmu.md §3.7).
+
+    Supports the 64-bit gPTE modes (4- and 5-level paging); the caller
+    refuses the others. On success the A/D updates are written back.
+    """
+    w = paging.walk(
+        vcpu._read_gpte,
+        cr0=vcpu.cr0,
+        cr3=vcpu.cr3,
+        cr4=vcpu.cr4,
+        efer=vcpu.efer,
+        cpl=cpl,
+        access=kind,
+        gva=gva,
+        rflags_ac=vcpu.rflags_ac,
+        pkru=vcpu.pkru,
+        maxphyaddr=vcpu.vm.config.host_maxphyaddr,
+    )
+    gw = GuestWalker(gva)
+    if w.fault:
+        gw.fault = GuestFault(w.vector or paging.PF_VECTOR, w.error_code, gva)
+        return gw
+    if w.ad_writes:
+        vcpu._apply_ad(w.ad_writes)
+    nx = bool(vcpu.efer & paging.EFER_NXE)
+    acc = ACC_ALL
+    leaf = 0
+    gw.max_level = w.entries[0][0]
+    for level, addr, value in w.entries:
+        value = w.ad_writes.get(addr, value)
+        gw.pt_access[level - 1] = acc
+        gw.table_gfn[level - 1] = addr >> 12
+        gw.pte_gpa[level - 1] = addr
+        gw.ptes[level - 1] = value
+        acc &= gpte_access(value, nx)
+        leaf = value
+    assert w.level is not None and w.gpa is not None
+    gw.level = w.level
+    gw.gpa = w.gpa
+    gw.gfn = w.gpa >> 12
+    if kind != "write":
+        acc = protect_clean_gpte(acc, leaf)
+    gw.pte_access = acc
+    gw.gpat = (w.pat << 2) | (w.pcd << 1) | w.pwt
+    return gw
