@@ -10,9 +10,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 import kvmmu
+import numpy as np
 from kvmmu.mmu import PFERR_USER_MASK, PFERR_WRITE_MASK
 
 HVA = 0x7F00_0000_0000
