@@ -9,9 +9,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-import pytest
-
 import kvmmu
+import pytest
 from kvmmu import spte as S
 from kvmmu.mmu import (
     PFERR_FETCH_MASK,
