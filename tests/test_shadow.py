@@ -1,0 +1,358 @@
+"""Shadow paging (``tdp = false``): spec/kvm-mmu.md §2.3–2.4, §3.7–3.9, §3.12–3.15.
+
+``GuestTables`` is a tiny builder of 4-level guest page tables in guest
+memory (host-side writes, before the shadow MMU has seen them); the tables
+themselves are mapped at ``TABLE_WINDOW + gpa`` so a vCPU can rewrite them.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import kvmmu
+import pytest
+from kvmmu import paging as P
+from kvmmu.mmu.fault import RET_PF_FIXED
+from kvmmu.mmu.shadow import ShadowMmu
+from kvmmu.spte import PT_WRITABLE_MASK
+
+__all__ = ["GUEST_SIZE", "TABLE_WINDOW", "GuestTables", "make_vm"]
+
+GUEST_SIZE = 16 << 20
+HVA = 0x7F0000000000
+#: The guest's own page tables are mapped here (gva = TABLE_WINDOW + gpa).
+TABLE_WINDOW = 0x40000000
+URW = P.PTE_P | P.PTE_RW | P.PTE_US
+CR0 = P.CR0_PG | 1 | P.CR0_WP
+
+
+def make_vm(vendor: str = "vmx", vcpus: int = 2, **cfg: object) -> kvmmu.VM:
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor=vendor, tdp=False, vcpus=vcpus, **cfg))
+    vm.host.mmap_anon(HVA, GUEST_SIZE)
+    vm.set_user_memory_region(0, 0, 0, GUEST_SIZE, HVA)
+    return vm
+
+
+class GuestTables:
+    """4-level guest page tables in guest memory, built from the host side."""
+
+    def __init__(self, vm: kvmmu.VM, base: int = 0x10000) -> None:
+        self.vm = vm
+        self.next = base
+        self.tables: list[int] = []
+        self.cr3 = self.alloc()
+
+    def alloc(self) -> int:
+        gpa = self.next
+        self.next += 0x1000
+        self.vm.write_guest(gpa, bytes(0x1000))
+        self.tables.append(gpa)
+        return gpa
+
+    def read(self, gpa: int) -> int:
+        return int.from_bytes(self.vm.read_guest(gpa, 8), "little")
+
+    def write(self, gpa: int, value: int) -> None:
+        self.vm.write_guest(gpa, value.to_bytes(8, "little"))
+
+    def entry(self, gva: int, level: int) -> int:
+        """The gpa of the level-``level`` entry for ``gva`` (tables made on the way)."""
+        table = self.cr3
+        for lvl in range(4, level, -1):
+            addr = table + ((gva >> (12 + 9 * (lvl - 1))) & 511) * 8
+            pte = self.read(addr)
+            if not pte & P.PTE_P:
+                pte = self.alloc() | URW
+                self.write(addr, pte)
+            table = pte & 0xFFFFFFFFFF000
+        return table + ((gva >> (12 + 9 * (level - 1))) & 511) * 8
+
+    def map(self, gva: int, gpa: int, flags: int = URW, level: int = 1) -> int:
+        """Map ``gva`` -> ``gpa``; returns the leaf entry's gpa."""
+        addr = self.entry(gva, level)
+        self.write(addr, gpa | flags | (P.PTE_PS if level > 1 else 0))
+        return addr
+
+    def map_tables(self) -> None:
+        """Map every table page at ``TABLE_WINDOW + gpa`` (writable)."""
+        done: set[int] = set()
+        while set(self.tables) - done:
+            for t in sorted(set(self.tables) - done):
+                done.add(t)
+                self.map(TABLE_WINDOW + t, t)
+
+    def start(self, *vcpus: object) -> None:
+        for v in vcpus or tuple(self.vm.vcpus):
+            v.set_sregs(cr0=CR0, cr3=self.cr3, cr4=P.CR4_PAE, efer=P.EFER_LME | P.EFER_NXE)  # type: ignore[attr-defined]
+
+
+def guest_write_entry(vcpu: object, entry_gpa: int, value: int) -> kvmmu.vcpu.AccessResult:
+    """The guest (on ``vcpu``) stores ``value`` into its own page-table entry."""
+    return vcpu.access(TABLE_WINDOW + entry_gpa, "write", 8, value.to_bytes(8, "little"))  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture
+def env() -> tuple[kvmmu.VM, GuestTables]:
+    vm = make_vm()
+    gt = GuestTables(vm)
+    for i in range(16):
+        gt.map(0x400000 + i * 0x1000, 0x200000 + i * 0x1000)
+    gt.map_tables()
+    gt.start()
+    return vm, gt
+
+
+def test_shadow_mmu_is_built_without_tdp() -> None:
+    vm = make_vm()
+    assert isinstance(vm.mmu, ShadowMmu) and vm.mmu.shadow
+    assert vm.spte_format.name == "shadow"
+
+
+def test_fetch_builds_shadow_pages_level_by_level(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, gt = env
+    r = vm.vcpus[0].access(0x400000, "write", 8, b"12345678")
+    assert r.fault is None and r.gpa == 0x200000 and r.exits == 1
+    assert vm.read_guest(0x200000, 8) == b"12345678"
+    sps = sorted((sp.role.level, sp.gfn) for sp in vm.mmu.active.values())
+    pt = gt.entry(0x400000, 1) >> 12
+    pd = gt.entry(0x400000, 2) >> 12
+    assert (1, pt) in sps and (2, pd) in sps and (4, gt.cr3 >> 12) in sps
+    assert vm.check_invariants() == []
+
+
+def test_account_shadowed_tracks_upper_levels_only(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """spec/kvm-mmu.md §2.4: non-leaf tables are write-tracked; a 4K table only write-protected."""
+    vm, gt = env
+    vm.vcpus[0].access(0x400000, "read")
+    pd, pt = gt.entry(0x400000, 2) >> 12, gt.entry(0x400000, 1) >> 12
+    assert vm.page_track.count(gt.cr3 >> 12) == 1
+    assert vm.page_track.count(pd) == 1
+    assert vm.page_track.count(pt) == 0
+    slot = vm.slot_of(0)
+    assert slot is not None and slot.lpage_disallowed(pt, 2)
+
+
+def test_walk_sets_accessed_and_dirty(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, gt = env
+    leaf = gt.entry(0x401000, 1)
+    vm.vcpus[0].access(0x401000, "read")
+    assert gt.read(leaf) & P.PTE_A and not gt.read(leaf) & P.PTE_D
+    vm.vcpus[0].access(0x401000, "write", 1, b"x")
+    assert gt.read(leaf) & P.PTE_D
+    assert gt.read(gt.entry(0x401000, 2)) & P.PTE_A
+
+
+def test_clean_gpte_maps_read_only_until_written(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """``protect_clean_gpte``: a read of a clean page gives a read-only SPTE (§3.7)."""
+    vm, _gt = env
+    r = vm.vcpus[0].access(0x402000, "read")
+    assert r.spte is not None and not r.spte & PT_WRITABLE_MASK
+    w = vm.vcpus[0].access(0x402000, "write", 1, b"y")
+    assert w.exits == 1 and w.spte is not None and w.spte & PT_WRITABLE_MASK
+
+
+def test_guest_fault_injected_with_error_code(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, gt = env
+    v = vm.vcpus[0]
+    r = v.access(0x900000, "write", 1, b"z")
+    assert r.fault is not None and r.fault.vector == 14
+    assert r.fault.error_code == P.PFERR_WRITE
+    gt.map(0x403000 + 0x100000, 0x203000, P.PTE_P | P.PTE_US)
+    v.set_sregs(cpl=3)
+    r = v.access(0x503000, "write", 1, b"z")
+    assert r.fault is not None
+    assert r.fault.error_code == P.PFERR_PRESENT | P.PFERR_WRITE | P.PFERR_USER
+    gt.map(0x504000, 0x204000, P.PTE_P | P.PTE_RW)
+    r = v.access(0x504000, "read")
+    assert r.fault is not None and r.fault.error_code == P.PFERR_PRESENT | P.PFERR_USER
+
+
+def test_upper_table_write_is_emulated_and_zaps(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.13: a write to a write-tracked PD is emulated; the shadow PDE is zapped."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pde = gt.entry(0x400000, 2)
+    new_pt = gt.alloc()
+    gt.write(new_pt, 0x205000 | URW)
+    w = guest_write_entry(v, pde, new_pt | URW)
+    assert w.emulated and vm.stats["emulated_writes"] == 1
+    r = v.access(0x400000, "read")
+    assert r.gpa == 0x205000
+    assert vm.check_invariants() == []
+
+
+def test_misaligned_write_zaps_whole_sp(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pde = gt.entry(0x400000, 2)
+    pd_sp = [sp for sp in vm.mmu.active.values() if sp.gfn == pde >> 12 and sp.role.level == 2]
+    assert len(pd_sp) == 1
+    v.access(TABLE_WINDOW + pde + 6, "write", 4, b"\0\0\0\0")
+    assert pd_sp[0].invalid and vm.stats["mmu_flooded"] == 1
+
+
+def test_write_flooding_zaps_upper_sp(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """``detect_write_flooding``: the third write to a PD without a fault through it."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pde1 = gt.entry(0x400000, 2) + 8 * 100
+    for n in range(3):
+        guest_write_entry(v, pde1, 0)
+        flooded = vm.stats["mmu_flooded"]
+        assert flooded == (1 if n == 2 else 0)
+
+
+def test_unsync_leaf_synced_by_invlpg(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.12/§3.15: a 4K table goes unsync on a write; INVLPG syncs the entry."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    assert v.access(0x400000, "read").gpa == 0x200000
+    pte = gt.entry(0x400000, 1)
+    w = guest_write_entry(v, pte, 0x20A000 | URW | P.PTE_A)
+    assert not w.emulated
+    pt_sp = next(sp for sp in vm.mmu.active.values() if sp.gfn == pte >> 12 and sp.role.level == 1)
+    assert pt_sp.unsync and vm.stats["mmu_unsync"] == 1
+    assert vm.check_invariants() == []
+    assert v.access(0x400000, "read").gpa == 0x200000  # stale until the guest flushes
+    vm.mmu.invlpg(v, 0x400000)
+    assert v.access(0x400000, "read").gpa == 0x20A000
+
+
+def test_unsync_leaf_synced_on_cr3_switch(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pte = gt.entry(0x400000, 1)
+    guest_write_entry(v, pte, 0x20B000 | URW | P.PTE_A)
+    old = gt.cr3
+    other = GuestTables(vm, base=0x80000)
+    other.map(0x400000, 0x20C000)
+    v.set_sregs(cr3=other.cr3)
+    assert v.access(0x400000, "read").gpa == 0x20C000
+    v.set_sregs(cr3=old)
+    assert v.access(0x400000, "read").gpa == 0x20B000
+    assert vm.check_invariants() == []
+
+
+def test_roots_per_cr3_cached(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    root = vm.mmu.vstate(v).root
+    other = GuestTables(vm, base=0x80000)
+    other.map(0x400000, 0x20C000)
+    v.set_sregs(cr3=other.cr3)
+    assert vm.mmu.vstate(v).root is not root
+    assert vm.mmu.vstate(v).prev_roots[0][1] is root
+    v.set_sregs(cr3=gt.cr3)
+    assert vm.mmu.vstate(v).root is root
+    v.set_sregs(cr0=CR0 & ~P.CR0_WP)
+    assert vm.mmu.vstate(v).root is not root
+    assert vm.mmu.vstate(v).root.role.cr0_wp is False  # type: ignore[union-attr]
+
+
+def test_pte_prefetch_fills_the_8_entry_window(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.9: the aligned 8-entry window, from the gPTEs gpte_changed re-read."""
+    vm, gt = env
+    for i in range(16):
+        gt.write(gt.entry(0x400000 + i * 0x1000, 1), (0x200000 + i * 0x1000) | URW | P.PTE_A)
+        vm.read_guest(0x200000 + i * 0x1000, 1)
+    v = vm.vcpus[0]
+    v.access(0x403000, "read")
+    assert vm.stats["mmu_prefetched"] == 7
+    for i in range(16):
+        r = v.access(0x400000 + i * 0x1000, "read")
+        assert r.exits == (1 if i == 8 else 0), i
+    assert vm.stats["mmu_prefetched"] == 14
+    assert vm.check_invariants() == []
+
+
+def test_prefetch_never_unsyncs(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """``mmu_try_to_unsync_pages``: a prefetch gets -EEXIST, so it maps read-only."""
+    vm, gt = env
+    pt = gt.entry(0x400000, 1) & ~0xFFF
+    gt.map(0x401000, pt, URW | P.PTE_A | P.PTE_D)
+    vm.read_guest(pt, 1)
+    vm.vcpus[0].access(0x400000, "read")
+    sp = next(s for s in vm.mmu.active.values() if s.gfn == pt >> 12 and s.role.level == 1)
+    assert not sp.unsync
+    assert not vm.mmu.spte(sp, 1) & PT_WRITABLE_MASK
+
+
+def test_pre_fault_memory_refused() -> None:
+    vm = make_vm()
+    with pytest.raises(kvmmu.KvmError) as e:
+        vm.pre_fault_memory(0, 0x1000)
+    assert e.value.errno == errno.EOPNOTSUPP
+
+
+def test_zap_all_fast_obsoletes_roots(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, _gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    root = vm.mmu.vstate(v).root
+    vm.zap_all_fast()
+    assert root is not None and root.invalid
+    r = v.access(0x400000, "read")
+    assert r.gpa == 0x200000 and vm.mmu.vstate(v).root is not root
+    assert vm.check_invariants() == []
+
+
+def test_zaps_flush_their_range(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, _gt = env
+    seen: list[tuple[int, int]] = []
+
+    class Spy:
+        @kvmmu.hookimpl
+        def kvmmu_flush_remote_tlbs_range(self, vm: object, gfn: int, nr_pages: int) -> None:
+            seen.append((gfn, nr_pages))
+
+    vm.register_plugin(Spy(), "spy")
+    vm.vcpus[0].access(0x400000, "read")
+    vm.zap_gfn_range(0x200, 0x201)
+    assert seen == [(0x200, 1)]
+    assert vm.vcpus[0].access(0x400000, "read").exits == 1
+
+
+def test_invariant_checker_sees_unnotified_table_change(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """A host-side table edit bypasses write-protection: the checker must notice."""
+    vm, gt = env
+    vm.vcpus[0].access(0x400000, "read")
+    gt.write(gt.entry(0x400000, 2), 0)
+    assert any("guest entry is not" in m for m in vm.check_invariants())
+
+
+def test_mmio_gpa_emulated(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """No memslot: an MMIO SPTE (RSVD) is cached, later accesses emulate (§3.10)."""
+    vm, gt = env
+    gt.map(0x600000, 0x4000000)
+    v = vm.vcpus[0]
+    r = v.access(0x600000, "read", 4)
+    assert r.emulated and r.data == b"\xff" * 4 and r.gpa == 0x4000000
+    r = v.access(0x600000, "read", 4)
+    assert r.emulated and vm.stats["pf_mmio_emulate"] == 1
+
+
+@pytest.mark.parametrize("vendor", ["vmx", "svm"])
+def test_both_vendors_shadow_memtype_is_host_mtrr(vendor: str) -> None:
+    """§4.2: shadow SPTEs select host PAT0 (WB); the guest's PAT bits have no effect."""
+    vm = make_vm(vendor)
+    gt = GuestTables(vm)
+    gt.map(0x400000, 0x200000, URW | P.PTE_PCD | P.PTE_PWT)
+    gt.start()
+    r = vm.vcpus[0].access(0x400000, "write", 8, b"abcdefgh")
+    assert r.fault is None and r.memtype == kvmmu.memtype.MemType.WB
+    assert r.spte is not None and not r.spte & (P.PTE_PCD | P.PTE_PWT | P.PTE_PAT)
+    assert vm.check_invariants() == []
+
+
+def test_page_fault_returns_ret_pf(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    vm, _gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    assert vm.mmu.page_fault(v, 0x405000, 0) == RET_PF_FIXED
