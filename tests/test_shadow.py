@@ -40,6 +40,8 @@ class GuestTables:
         self.vm = vm
         self.next = base
         self.tables: list[int] = []
+        #: A spare table a test may point an entry at.
+        self.spare = 0
         self.cr3 = self.alloc()
 
     def alloc(self) -> int:
