@@ -137,7 +137,13 @@ def _check_spt(vgpu: Vgpu, spt: Spt, out: list[str]) -> None:
     shadow = g_gtt.shadow_page(spt)
     step = gtt.GTT_64K_PTE_STRIDE if spt.pde_ips else 1
     etype = gtt.entry_type(spt.guest_type)
-    for i in range(0, 512, step):
+    # only entries where the guest or the shadow has the present bit can differ
+    one = np.uint64(gtt.GEN8_PAGE_PRESENT)
+    live = (guest & one) | (shadow & one)
+    if step > 1:
+        live = live.reshape(-1, step).max(axis=1)
+    for j in np.nonzero(live)[0]:
+        i = int(j) * step
         if i in spt.stale:
             continue
         g = int(guest[i])

@@ -103,6 +103,7 @@ class VgpuGtt(ABC):
         self.attached = attached
         self.log = log
         self._reclaim = reclaim
+        self.reshadows = 0
         self.spts: dict[int, Spt] = {}  # spt_tree: shadow mfn -> spt
         self.mms: list[PpgttMm] = []
         self.post_shadow_list: list[Spt] = []
@@ -281,7 +282,7 @@ class VgpuGtt(ABC):
             spt.refcount += 1
             if ips != spt.pde_ips:
                 spt.pde_ips = ips
-                self.log(f"reshadow PDE since ips changed (gfn {gfn:#x})")
+                self.reshadows += 1  # "reshadow PDE since ips changed"
                 self.clear_shadow_page(spt)
                 try:
                     self.populate_spt(spt)
