@@ -53,6 +53,10 @@ class IommuConfig(BaseModel):
     iopf_max_retries: int = Field(
         64, ge=0, le=1 << 16, description="RET_PF_RETRY loops before an IOPF fails (model bound)"
     )
+    devices: list[str] = Field(
+        default_factory=list,
+        description="DMA devices to create at VM init (add_device), e.g. for scenarios",
+    )
     vtd_bit11_reserved: bool = Field(
         True,
         description="VT-d reserves bit 11 in second-level entries (T6); false is a what-if "
@@ -307,6 +311,26 @@ class IommuPlugin:
                 "iommu: T7 non-coherent DMA registered while the TDP is exported "
                 "(an IOPF has no vCPU to compute the guest memtype)"
             )
+
+    @hookimpl
+    def kvmmu_vm_init(self) -> None:
+        """Create the devices the config names (``devices``)."""
+        for name in self.config.devices:
+            self.add_device(name)
+
+    @hookimpl
+    def kvmmu_scenario_devices(self) -> list[str]:
+        """Scenario device names: the devices added so far."""
+        return list(self.devices)
+
+    @hookimpl
+    def kvmmu_scenario_op(self, device: str, action: str, args: dict[str, Any]) -> Any:
+        """Run a scenario step on one of the DMA devices (scenario_ops.py)."""
+        from kvmmu.plugins.iommu.scenario_ops import run_action
+
+        if device not in self.devices:
+            return None
+        return run_action(self, device, action, args)
 
     @hookimpl
     def kvmmu_vm_destroy(self) -> None:

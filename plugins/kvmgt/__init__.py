@@ -38,6 +38,8 @@ class KvmgtPlugin:
         self.vm = vm
         self.cfg = config if config is not None else KvmgtConfig()
         self.gvt: GvtDevice | None = None
+        #: scenario PPGTTs by device, then by name (scenario_ops.py)
+        self.scenario_ppgtts: dict[str, dict[str, Any]] = {}
 
     @staticmethod
     @hookimpl
@@ -164,3 +166,19 @@ class KvmgtPlugin:
             "host_pages_in_use": self.gvt.pool.in_use,
             "vgpus": [v.report() for v in self.gvt.vgpus],
         }
+
+    @hookimpl
+    def kvmmu_scenario_devices(self) -> list[str]:
+        """Scenario device names: ``gpu0``, ``gpu1``, ... one per vGPU."""
+        from kvmmu.plugins.kvmgt.scenario_ops import device_names
+
+        return device_names(self) if self.gvt is not None else []
+
+    @hookimpl
+    def kvmmu_scenario_op(self, device: str, action: str, args: dict[str, Any]) -> Any:
+        """Run a scenario step on one of this plugin's vGPUs (scenario_ops.py)."""
+        from kvmmu.plugins.kvmgt.scenario_ops import device_names, run_action
+
+        if self.gvt is None or device not in device_names(self):
+            return None
+        return run_action(self, device, action, args)

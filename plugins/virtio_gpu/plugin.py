@@ -66,6 +66,8 @@ class VirtioGpuPlugin:
         self.force_wb_slots: set[int] = set()
         self.hazards: list[Hazard] = []
         self._registered = 0
+        #: the Linux-like guest a scenario's ``guest_init`` step made (scenario_ops.py)
+        self.scenario_guest: Any = None
 
     @staticmethod
     @hookimpl
@@ -361,3 +363,21 @@ class VirtioGpuPlugin:
                 self_snoop=vm.config.host_self_snoop,
             ),
         }
+
+    # ------------------------------------------------------------ scenarios
+    @hookimpl
+    def kvmmu_scenario_devices(self) -> list[str]:
+        """The device is ``virtio-gpu0`` in scenarios."""
+        from kvmmu.plugins.virtio_gpu.scenario_ops import DEVICE
+
+        return [DEVICE]
+
+    @hookimpl
+    def kvmmu_scenario_op(self, device: str, action: str, args: dict[str, Any]) -> Any:
+        """Run a scenario step on the device (scenario_ops.py)."""
+        from kvmmu.plugins.virtio_gpu.scenario_ops import DEVICE, run_action
+
+        if device != DEVICE:
+            return None
+        return run_action(self, action, args)
+
