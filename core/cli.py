@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from kvmmu.errors import ExitCode, KvmmuError
 from rich.console import Console
 from rich.table import Table
-
-from kvmmu.errors import ExitCode, KvmmuError
 
 __all__ = ["cli", "main"]
 
@@ -136,8 +135,14 @@ def plugins_cmd(as_json: bool, config_path: Path | None) -> None:
     for col in ("name", "kind", "distribution", "version", "enabled", "description"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["kind"], r["distribution"], r["version"],
-                      "yes" if r["enabled"] else "no", r["description"])
+        table.add_row(
+            r["name"],
+            r["kind"],
+            r["distribution"],
+            r["version"],
+            "yes" if r["enabled"] else "no",
+            r["description"],
+        )
     console.print(table)
 
 
@@ -218,9 +223,8 @@ def _run_with_progress(sc: Any, vendor: str | None, era: str | None, quiet: bool
     """Run a scenario; a rich progress bar appears if it runs over a second."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from kvmmu.runner import ScenarioRun
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     run = ScenarioRun(sc, vendor=vendor, era=era)
     total = run.total_steps()
@@ -235,9 +239,14 @@ def _run_with_progress(sc: Any, vendor: str | None, era: str | None, quiet: bool
         if progress is None:
             if time.monotonic() - start < 1.0:
                 return
-            progress = Progress("[progress.description]{task.description}", BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
-                                transient=True)
+            progress = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            )
             progress.start()
             task = progress.add_task(f"{sc.name} ({run.vm.config.vendor})", total=total)
             progress.update(task, completed=run.steps)
@@ -252,15 +261,23 @@ def _run_with_progress(sc: Any, vendor: str | None, era: str | None, quiet: bool
 
 
 def _print_report(rep: dict[str, Any]) -> None:
-    console.rule(f"[bold]{rep['scenario']}[/] — {rep['vendor']}, era {rep['era']}, "
-                 f"tdp={'on' if rep['tdp'] else 'off'}")
+    console.rule(
+        f"[bold]{rep['scenario']}[/] — {rep['vendor']}, era {rep['era']}, "
+        f"tdp={'on' if rep['tdp'] else 'off'}"
+    )
     t = Table(title="Faults and exits", show_header=True)
     t.add_column("what")
     t.add_column("count", justify="right")
     for k, v in rep["faults"].items():
         t.add_row(f"RET_PF_{k}", str(v))
-    for k in ("accesses", "guest_faults", "emulated_writes", "mmio_exits", "track_writes",
-              "remote_tlb_flushes"):
+    for k in (
+        "accesses",
+        "guest_faults",
+        "emulated_writes",
+        "mmio_exits",
+        "track_writes",
+        "remote_tlb_flushes",
+    ):
         t.add_row(k, str(rep[k]))
     console.print(t)
     mt = Table(title="Effective memory types per memslot")
@@ -274,14 +291,29 @@ def _print_report(rep: dict[str, Any]) -> None:
         pt.add_column("key")
         pt.add_column("value")
         for k, v in section.items():
-            pt.add_row(str(k), json.dumps(v, default=str) if not isinstance(v, str) else v)
+            pt.add_row(str(k), _summary(v))
         console.print(pt)
     inv = rep["invariants"]
     colour = "green" if not inv["violations"] else "red"
-    console.print(f"[{colour}]invariants: {inv['checked']} checks, "
-                  f"{len(inv['violations'])} violations[/]")
+    console.print(
+        f"[{colour}]invariants: {inv['checked']} checks, {len(inv['violations'])} violations[/]"
+    )
     for v in inv["violations"]:
         console.print(f"  [red]- {v}[/]")
+
+
+def _summary(v: Any) -> str:
+    """A one-line view of a report value: scalars as they are, long lists counted."""
+    if isinstance(v, str):
+        return v
+    text = json.dumps(v, default=str)
+    if len(text) <= 160:
+        return text
+    if isinstance(v, list):
+        return f"<{len(v)} rows; see --json>"
+    if isinstance(v, dict):
+        return f"<{len(v)} keys; see --json>"
+    return text[:157] + "..."
 
 
 @cli.command("run", epilog=EXIT_CODES_HELP)
@@ -310,8 +342,14 @@ def run_cmd(scenario: str | None, vendor: str | None, era: str | None, as_json: 
 @click.option("--expect-equal", is_flag=True, help="exit 1 when the runs differ")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="draw a PNG")
-def compare_cmd(scenario: str | None, vendors: str, eras: str | None, expect_equal: bool,
-                as_json: bool, plot: Path | None) -> None:
+def compare_cmd(
+    scenario: str | None,
+    vendors: str,
+    eras: str | None,
+    expect_equal: bool,
+    as_json: bool,
+    plot: Path | None,
+) -> None:
     """Run SCENARIO under each vendor (and era) and show what differs."""
     from kvmmu.compare import compare_runs, plot_comparison
     from kvmmu.scenario import load_scenario
@@ -339,8 +377,9 @@ def compare_cmd(scenario: str | None, vendors: str, eras: str | None, expect_equ
         for row in result["differences"]:
             t.add_row(row["metric"], *[str(row["values"][lb]) for lb in result["runs"]])
         console.print(t)
-        console.print(f"{len(result['differences'])} metrics differ, "
-                      f"{result['equal_metrics']} equal")
+        console.print(
+            f"{len(result['differences'])} metrics differ, {result['equal_metrics']} equal"
+        )
     if expect_equal and result["differences"]:
         raise SystemExit(int(ExitCode.CHECK_FAILED))
 
@@ -351,13 +390,21 @@ def compare_cmd(scenario: str | None, vendors: str, eras: str | None, expect_equ
 
 
 @cli.command("memtype", epilog=EXIT_CODES_HELP)
-@click.option("--vendor", "vendors", multiple=True, help="vmx or svm (repeat for both; default both)")
-@click.option("--era", "eras", multiple=True, help="kernel version(s), e.g. 6.8 (default: every era)")
+@click.option(
+    "--vendor", "vendors", multiple=True, help="vmx or svm (repeat for both; default both)"
+)
+@click.option(
+    "--era", "eras", multiple=True, help="kernel version(s), e.g. 6.8 (default: every era)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="draw heatmaps per vendor and era to this PNG")
-def memtype_cmd(vendors: tuple[str, ...], eras: tuple[str, ...], as_json: bool,
-                plot: Path | None) -> None:
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="draw heatmaps per vendor and era to this PNG",
+)
+def memtype_cmd(
+    vendors: tuple[str, ...], eras: tuple[str, ...], as_json: bool, plot: Path | None
+) -> None:
     """The memory-type matrix: SPTE memtype, IPAT and effective type.
 
     Rows cover (vendor, era, quirks, noncoherent DMA, guest CR0.CD, slot kind,
@@ -373,8 +420,19 @@ def memtype_cmd(vendors: tuple[str, ...], eras: tuple[str, ...], as_json: bool,
         emit_json(rows)
         return
     t = Table(title=f"memory types ({len(rows)} rows)")
-    keys = ["vendor", "era", "quirks", "noncoherent_dma", "guest_cr0_cd", "slot_kind",
-            "guest_pat", "guest_mtrr", "spte_memtype", "ipat", "effective"]
+    keys = [
+        "vendor",
+        "era",
+        "quirks",
+        "noncoherent_dma",
+        "guest_cr0_cd",
+        "slot_kind",
+        "guest_pat",
+        "guest_mtrr",
+        "spte_memtype",
+        "ipat",
+        "effective",
+    ]
     for k in keys:
         t.add_column(k)
     for r in rows:

@@ -32,6 +32,9 @@ def flatten_report(rep: dict[str, Any]) -> dict[str, Any]:
                 return
             for k, sub in v.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), sub)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, row in enumerate(v):
+                walk(f"{prefix}[{_row_key(row, i)}]", row)
         elif isinstance(v, list):
             out[prefix] = repr(v) if len(repr(v)) < 200 else f"<{len(v)} items>"
         else:
@@ -41,6 +44,16 @@ def flatten_report(rep: dict[str, Any]) -> dict[str, Any]:
         if key not in _IDENTITY:
             walk(key, value)
     return out
+
+
+#: Row fields that identify a row of a list-valued report section (so the
+#: same row is compared across runs even if the lists differ in order).
+_ROW_ID_KEYS = ("design", "guest_pat", "id", "name", "resource_id")
+
+
+def _row_key(row: dict[str, Any], index: int) -> str:
+    parts = [str(row[k]) for k in _ROW_ID_KEYS if k in row and not isinstance(row[k], dict)]
+    return ",".join(parts) if parts else str(index)
 
 
 def compare_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,21 +84,30 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [d for d in result["differences"]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                   for v in d["values"].values())]
+    rows = [
+        d
+        for d in result["differences"]
+        if all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in d["values"].values()
+        )
+    ]
     labels = result["runs"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * max(1, len(rows)) * len(labels)), 4.5))
     width = 0.8 / max(1, len(labels))
     for i, lb in enumerate(labels):
-        ax.bar([j + i * width for j in range(len(rows))],
-               [d["values"][lb] for d in rows], width, label=lb)
+        ax.bar(
+            [j + i * width for j in range(len(rows))],
+            [d["values"][lb] for d in rows],
+            width,
+            label=lb,
+        )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
     ax.set_xticklabels([d["metric"] for d in rows], rotation=45, ha="right", fontsize=7)
     ax.set_title(f"{result['scenario']}: numeric metrics that differ")
     if not rows:
-        ax.text(0.5, 0.5, "no numeric differences", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no numeric differences", ha="center", va="center", transform=ax.transAxes
+        )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

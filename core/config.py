@@ -27,11 +27,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from kvmmu.era import NEWEST, KernelVersion
 from kvmmu.errors import ConfigError
 from kvmmu.quirks import QUIRKS
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["PluginsConfig", "VMConfig", "load_config", "parse_config", "validation_problems"]
 

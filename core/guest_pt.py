@@ -118,8 +118,9 @@ class GuestPageTables:
             raise ValueError(f"gva, gpa and size must be {page_size:#x}-aligned")
         for off in range(0, size, page_size):
             addr = self.entry_address(gva + off, level)
-            value = self.leaf_value(gpa + off, level, writable=writable, user=user, nx=nx,
-                                    pat_index=pat_index)
+            value = self.leaf_value(
+                gpa + off, level, writable=writable, user=user, nx=nx, pat_index=pat_index
+            )
             self.vm.write_guest(addr, value.to_bytes(8, "little"))
 
     def long_mode_sregs(self) -> dict[str, int]:

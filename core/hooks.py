@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
 from kvmmu.errors import PluginError
 
 if TYPE_CHECKING:
@@ -80,9 +79,7 @@ class Hooks:
         self.host.call("kvmmu_cr0_changed", vm=self.vm, vcpu=vcpu, old=old, new=new)
 
     def msr_written(self, vcpu: VCpu, index: int, old: int, new: int) -> None:
-        self.host.call(
-            "kvmmu_msr_written", vm=self.vm, vcpu=vcpu, index=index, old=old, new=new
-        )
+        self.host.call("kvmmu_msr_written", vm=self.vm, vcpu=vcpu, index=index, old=old, new=new)
 
     # lifecycle ----------------------------------------------------------
     def vm_init(self) -> None:
@@ -134,7 +131,9 @@ class Hooks:
     def check_invariants(self) -> list[str]:
         out: list[str] = []
         for name, result in self.host.iter_results("kvmmu_check_invariants", vm=self.vm):
-            out.extend(f"{name}: {m}" if not str(m).startswith(name) else str(m) for m in result or [])
+            out.extend(
+                f"{name}: {m}" if not str(m).startswith(name) else str(m) for m in result or []
+            )
         return out
 
     def report_sections(self) -> dict[str, Any]:

@@ -28,13 +28,12 @@ import pluggy
 if TYPE_CHECKING:
     import click
     import numpy as np
-    from pydantic import BaseModel
-
     from kvmmu.memslot import Memslot, MemslotChange
     from kvmmu.memtype import MemType
     from kvmmu.spte import SpteFormat
     from kvmmu.vcpu import VCpu
     from kvmmu.vm import VM
+    from pydantic import BaseModel
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
 
@@ -358,7 +357,9 @@ def kvmmu_scenario_devices(vm: VM) -> list[str]:
 
 
 @hookspec(firstresult=True)
-def kvmmu_scenario_op(vm: VM, device: str, action: str, args: dict[str, Any]) -> dict[str, Any] | None:
+def kvmmu_scenario_op(
+    vm: VM, device: str, action: str, args: dict[str, Any]
+) -> dict[str, Any] | None:
     """Run one scenario step ``action`` on ``device``; return its result.
 
     Called for ``op = "device"`` steps. The plugin owning ``device`` runs it

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from pydantic import BaseModel, ValidationError
-from stevedore import NamedExtensionManager
-
 from kvmmu import hookspecs
 from kvmmu.errors import ConfigError, KvmError, PluginError
+from pydantic import BaseModel, ValidationError
+from stevedore import NamedExtensionManager
 
 if TYPE_CHECKING:
     from kvmmu.config import PluginsConfig, VMConfig
@@ -103,7 +102,7 @@ def load_plugin_class(name: str, kind: str | None = None) -> type:
         names=[name],
         invoke_on_load=False,
         on_load_failure_callback=on_failure,
-        warn_on_missing_entrypoint=False,
+        on_missing_entrypoints_callback=lambda _names: None,
     )
     if failures:
         exc = failures[0]

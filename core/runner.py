@@ -55,8 +55,6 @@ class ScenarioRun:
         cfg = guard(self.source, "vm", sc.vm_config, vendor=vendor, era=era)
         self.vm = guard(self.source, "vm", VM, cfg)
         self.pt: GuestPageTables | None = None
-        self.memtypes: dict[str, Counter[str]] = {}
-        self.spte_memtypes: dict[str, Counter[str]] = {}
         self.results: list[dict[str, Any]] = []
         self.violations: list[str] = []
         self.checked = 0
@@ -67,17 +65,33 @@ class ScenarioRun:
     def _build(self) -> None:
         sc, vm, src = self.sc, self.vm, self.source
         for i, v in enumerate(sc.host.vmas):
-            guard(src, f"host.vmas.{i}", vm.host.mmap_anon, v.hva, v.size,
-                  page_level=v.page_level, writable=v.writable)
+            guard(
+                src,
+                f"host.vmas.{i}",
+                vm.host.mmap_anon,
+                v.hva,
+                v.size,
+                page_level=v.page_level,
+                writable=v.writable,
+            )
         from kvmmu.memtype import MemType
 
         for i, bar in enumerate(sc.host.mmio):
             mt = MemType.UC_MINUS if bar.memtype == "UC-" else MemType[bar.memtype]
-            guard(src, f"host.mmio.{i}", vm.host.map_mmio, bar.hva, bar.size, hpa=bar.hpa,
-                  memtype=mt)
+            guard(
+                src, f"host.mmio.{i}", vm.host.map_mmio, bar.hva, bar.size, hpa=bar.hpa, memtype=mt
+            )
         for i, s in enumerate(sc.memslots):
-            guard(src, f"memslots.{i}", vm.set_user_memory_region, s.slot,
-                  flags_value(s.flags), s.gpa, s.size, s.hva)
+            guard(
+                src,
+                f"memslots.{i}",
+                vm.set_user_memory_region,
+                s.slot,
+                flags_value(s.flags),
+                s.gpa,
+                s.size,
+                s.hva,
+            )
         g = sc.guest
         for vcpu in vm.vcpus:
             if g.pat is not None:
@@ -86,17 +100,45 @@ class ScenarioRun:
                 self._set_mtrrs(vcpu, g)
         if g.paging != "off":
             levels = 5 if g.paging == "long5" else 4
-            self.pt = guard(src, "guest.tables_gpa", GuestPageTables, vm, g.tables_gpa,
-                            g.tables_size, levels=levels)
+            self.pt = guard(
+                src,
+                "guest.tables_gpa",
+                GuestPageTables,
+                vm,
+                g.tables_gpa,
+                g.tables_size,
+                levels=levels,
+            )
             # The tables are identity-mapped so the guest can rewrite them.
-            guard(src, "guest.tables_gpa", self.pt.map, g.tables_gpa, g.tables_gpa,
-                  g.tables_size, user=False)
+            guard(
+                src,
+                "guest.tables_gpa",
+                self.pt.map,
+                g.tables_gpa,
+                g.tables_gpa,
+                g.tables_size,
+                user=False,
+            )
             for i, m in enumerate(g.mappings):
-                guard(src, f"guest.mappings.{i}", self.pt.map, m.gva, m.gpa, m.size,
-                      page_size=m.page_size, writable=m.writable, user=m.user, nx=m.nx,
-                      pat_index=m.pat_index)
-            for vcpu in vm.vcpus:
-                vcpu.set_sregs(**self.pt.long_mode_sregs(), cpl=g.cpl)
+                guard(
+                    src,
+                    f"guest.mappings.{i}",
+                    self.pt.map,
+                    m.gva,
+                    m.gpa,
+                    m.size,
+                    page_size=m.page_size,
+                    writable=m.writable,
+                    user=m.user,
+                    nx=m.nx,
+                    pat_index=m.pat_index,
+                )
+            for i in g.vcpus if g.vcpus is not None else range(len(vm.vcpus)):
+                if not 0 <= i < len(vm.vcpus):
+                    raise ConfigError(
+                        [("guest.vcpus", f"no vCPU {i}; the VM has {len(vm.vcpus)}")], src
+                    )
+                vm.vcpus[i].set_sregs(**self.pt.long_mode_sregs(), cpl=g.cpl)
         elif g.mappings:
             raise ConfigError([("guest.mappings", "mappings need paging = long4 or long5")], src)
         self._check_devices()
@@ -106,8 +148,9 @@ class ScenarioRun:
         for n, var in enumerate(m.variable):
             loc = f"guest.mtrr.variable.{n}"
             if var.size & (var.size - 1) or var.base & (var.size - 1) or var.size < 4096:
-                raise ConfigError([(loc, "size must be a power of two >= 4K and base aligned "
-                                    "to it")], self.source)
+                raise ConfigError(
+                    [(loc, "size must be a power of two >= 4K and base aligned to it")], self.source
+                )
             mask = ((1 << self.vm.config.host_maxphyaddr) - 1) & ~(var.size - 1)
             guard(self.source, loc, vcpu.set_msr, 0x200 + 2 * n, var.base | _MTRR_TYPES[var.type])
             guard(self.source, loc, vcpu.set_msr, 0x201 + 2 * n, mask | (1 << 11))
@@ -120,11 +163,13 @@ class ScenarioRun:
         for i, step in enumerate(self.sc.workload):
             if isinstance(step, DeviceStep) and step.device not in devices:
                 allowed = ", ".join(sorted(devices)) or "none (no consumer plugin made devices)"
-                problems.append((f"workload.{i}.device",
-                                 f"no device {step.device!r}; devices: {allowed}"))
+                problems.append(
+                    (f"workload.{i}.device", f"no device {step.device!r}; devices: {allowed}")
+                )
             if hasattr(step, "vcpu") and step.vcpu >= len(self.vm.vcpus):
-                problems.append((f"workload.{i}.vcpu",
-                                 f"no vCPU {step.vcpu}; the VM has {len(self.vm.vcpus)}"))
+                problems.append(
+                    (f"workload.{i}.vcpu", f"no vCPU {step.vcpu}; the VM has {len(self.vm.vcpus)}")
+                )
         if problems:
             raise ConfigError(problems, self.source)
 
@@ -155,14 +200,7 @@ class ScenarioRun:
                 self.violations.append(v)
 
     def _access(self, vcpu_i: int, gva: int, kind: str, size: int, data: bytes | None) -> None:
-        vcpu = self.vm.vcpus[vcpu_i]
-        r = vcpu.access(gva, kind, size, data)
-        if r.memtype is not None and r.gpa is not None:
-            slot = self.vm.slot_of(r.gpa)
-            key = f"slot{slot.id}" if slot is not None else "mmio"
-            self.memtypes.setdefault(key, Counter())[_label(r.memtype)] += 1
-            if r.spte is not None:
-                self.spte_memtypes.setdefault(key, Counter())[self._spte_mt(r.spte)] += 1
+        self.vm.vcpus[vcpu_i].access(gva, kind, size, data)  # type: ignore[arg-type]
 
     def _run_step(self, index: int, step: Any) -> int:
         vm = self.vm
@@ -190,8 +228,9 @@ class ScenarioRun:
         if isinstance(step, PteWriteStep):
             self._pte_write(index, step)
         elif isinstance(step, MemslotStep):
-            vm.set_user_memory_region(step.slot, flags_value(step.flags), step.gpa, step.size,
-                                      step.hva)
+            vm.set_user_memory_region(
+                step.slot, flags_value(step.flags), step.gpa, step.size, step.hva
+            )
         elif isinstance(step, ZapStep):
             vm.zap_gfn_range(step.start, step.end)
         elif isinstance(step, InvalidateStep):
@@ -200,7 +239,8 @@ class ScenarioRun:
             vm.pre_fault_memory(step.gpa, step.size)
         elif isinstance(step, TrackStep):
             (vm.write_track_add_gfn if step.action == "add" else vm.write_track_remove_gfn)(
-                step.gfn)
+                step.gfn
+            )
         elif isinstance(step, DirtyLogStep):
             vm.get_dirty_log(step.slot)
         elif isinstance(step, MsrStep):
@@ -225,8 +265,9 @@ class ScenarioRun:
 
     def _pte_write(self, index: int, step: PteWriteStep) -> None:
         if self.pt is None:
-            raise ConfigError([(f"workload.{index}", "guest_pte_write needs guest paging")],
-                              self.source)
+            raise ConfigError(
+                [(f"workload.{index}", "guest_pte_write needs guest paging")], self.source
+            )
         addr = self.pt.entry_address(step.gva, 1, create=False)
         old = int.from_bytes(self.vm.read_guest(addr, 8), "little")
         gpa = step.gpa if step.gpa is not None else old & 0x000F_FFFF_FFFF_F000
@@ -236,14 +277,19 @@ class ScenarioRun:
         if step.width == 4:  # the guest completes the entry with a second half-write
             self.vm.vcpus[step.vcpu].access(addr + 4, "write", 4, new.to_bytes(8, "little")[4:])
 
-    def _spte_mt(self, spte: int) -> str:
-        """The memory-type bits of a leaf SPTE: EPT memtype and IPAT, or none (NPT)."""
-        fmt = self.vm.spte_format
-        if not fmt.memtype_mask:
-            return "none"
-        mt = (spte >> 3) & 7
-        names = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
-        return names.get(mt, str(mt)) + ("|IPAT" if spte & (1 << 6) else "")
+    def memtype_tables(self) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """Effective types and SPTE memtype bits seen, per memslot (every access)."""
+        eff: dict[str, Counter[str]] = {}
+        bits: dict[str, Counter[str]] = {}
+        ept = self.vm.spte_format.name == "ept"
+        for (slot, memtype, mt_bits), n in self.vm.memtypes_seen.items():
+            key = f"slot{slot}" if slot is not None else "no-slot"
+            eff.setdefault(key, Counter())[_label(memtype)] += n
+            bits.setdefault(key, Counter())[_spte_mt(mt_bits) if ept else "none"] += n
+        return (
+            {k: dict(sorted(v.items())) for k, v in sorted(eff.items())},
+            {k: dict(sorted(v.items())) for k, v in sorted(bits.items())},
+        )
 
     # reporting --------------------------------------------------------------
     def era_name(self) -> str:
@@ -254,6 +300,7 @@ class ScenarioRun:
     def report(self) -> dict[str, Any]:
         vm = self.vm
         st = vm.stats
+        memtypes, spte_memtypes = self.memtype_tables()
         return {
             "scenario": self.sc.name,
             "vendor": vm.config.vendor,
@@ -269,10 +316,8 @@ class ScenarioRun:
             "mmio_exits": int(st.get("mmio_exits", 0) + st.get("mmio_reads", 0)),
             "track_writes": vm.page_track.writes,
             "remote_tlb_flushes": int(st.get("remote_tlb_flush", 0)),
-            "memtypes": {k: dict(sorted(v.items())) for k, v in sorted(self.memtypes.items())},
-            "spte_memtypes": {
-                k: dict(sorted(v.items())) for k, v in sorted(self.spte_memtypes.items())
-            },
+            "memtypes": memtypes,
+            "spte_memtypes": spte_memtypes,
             "invariants": {"checked": self.checked, "violations": list(self.violations)},
             "device_results": self.results,
             "plugins": vm.hooks.report_sections(),
@@ -280,11 +325,23 @@ class ScenarioRun:
         }
 
 
+def _spte_mt(bits: int) -> str:
+    """EPT memtype bits 5:3 and IPAT bit 6 as ``"WB|IPAT"`` (spec/kvm-mmu.md §4.1)."""
+    names = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
+    mt = (bits >> 3) & 7
+    return names.get(mt, str(mt)) + ("|IPAT" if bits & (1 << 6) else "")
+
+
 def _label(mt: Any) -> str:
     return str(getattr(mt, "label", None) or getattr(mt, "name", mt))
 
 
-def run_scenario(sc: Scenario, *, vendor: str | None = None, era: str | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_scenario(
+    sc: Scenario,
+    *,
+    vendor: str | None = None,
+    era: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Build and run ``sc`` (optionally under another vendor or era)."""
     return ScenarioRun(sc, vendor=vendor, era=era).run(progress)

@@ -18,10 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from kvmmu.config import VMConfig, parse_config, validation_problems
 from kvmmu.errors import ConfigError, KvmError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "DEFAULT_SCENARIO",
@@ -128,6 +127,9 @@ class GuestSpec(_Model):
     """The guest's paging mode, its page tables, PAT and MTRRs."""
 
     paging: Literal["long4", "long5", "off"] = "long4"
+    vcpus: list[int] | None = Field(
+        None, description="vCPUs that load these tables (default: all; the others keep paging off)"
+    )
     tables_gpa: int = 0x10_0000
     tables_size: int = 0x10_0000
     cpl: Literal[0, 3] = 0
@@ -198,8 +200,9 @@ class ZapStep(_Step):
 
 
 class SimpleStep(_Step):
-    op: Literal["zap_all_fast", "check_invariants", "register_noncoherent_dma",
-                "unregister_noncoherent_dma"]
+    op: Literal[
+        "zap_all_fast", "check_invariants", "register_noncoherent_dma", "unregister_noncoherent_dma"
+    ]
 
 
 class InvalidateStep(_Step):
@@ -253,8 +256,19 @@ class DeviceStep(_Step):
 
 
 Step = Annotated[
-    AccessStep | GenerateStep | PteWriteStep | MemslotStep | ZapStep | SimpleStep
-    | InvalidateStep | PreFaultStep | TrackStep | DirtyLogStep | MsrStep | Cr0Step | DeviceStep,
+    AccessStep
+    | GenerateStep
+    | PteWriteStep
+    | MemslotStep
+    | ZapStep
+    | SimpleStep
+    | InvalidateStep
+    | PreFaultStep
+    | TrackStep
+    | DirtyLogStep
+    | MsrStep
+    | Cr0Step
+    | DeviceStep,
     Field(discriminator="op"),
 ]
 
@@ -269,14 +283,30 @@ class Scenario(_Model):
         1, ge=0, description="check invariants after every N steps (0: only at the end)"
     )
     vm: dict[str, Any] = Field(default_factory=dict, description="a VM config (VMConfig)")
+    vendor_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per vendor, VM config keys merged over `vm` when run under that vendor "
+        "(e.g. an IOMMU mode only one vendor supports)",
+    )
     host: HostSpec = Field(default_factory=HostSpec)
     memslots: list[MemslotSpec] = Field(default_factory=list)
     guest: GuestSpec = Field(default_factory=GuestSpec)
     workload: list[Step] = Field(default_factory=list)
 
     def vm_config(self, **overrides: Any) -> VMConfig:
+        """The VM config, under ``vendor``/``era`` overrides when given."""
         data = {**self.vm, **{k: v for k, v in overrides.items() if v is not None}}
-        return parse_config(data)
+        vendor = data.get("vendor", "vmx")
+        return parse_config(_deep_merge(data, self.vendor_overrides.get(vendor, {})))
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
 
 
 def scenario_json_schema() -> dict[str, Any]:
@@ -296,11 +326,14 @@ def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
         sc = Scenario.model_validate(data)
     except ValidationError as e:
         raise ConfigError(validation_problems(e), source) from None
-    try:
-        sc.vm_config()
-    except ConfigError as e:
-        raise ConfigError([(f"vm.{loc}" if loc else "vm", m) for loc, m in e.problems],
-                          source) from None
+    for vendor in [None, *sc.vendor_overrides]:
+        try:
+            sc.vm_config(vendor=vendor)
+        except ConfigError as e:
+            where = "vm" if vendor is None else f"vendor_overrides.{vendor}"
+            raise ConfigError(
+                [(f"{where}.{loc}" if loc else where, m) for loc, m in e.problems], source
+            ) from None
     return sc
 
 

@@ -14,15 +14,20 @@ from kvmmu.errors import ConfigError
 __all__ = ["bytes_arg", "int_arg", "take", "unknown_action"]
 
 
-def take(action: str, args: dict[str, Any], required: tuple[str, ...],
-         optional: dict[str, Any] | None = None) -> dict[str, Any]:
+def take(
+    action: str,
+    args: dict[str, Any],
+    required: tuple[str, ...],
+    optional: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Return ``args`` with defaults, refusing unknown or missing fields."""
     optional = optional or {}
     allowed = set(required) | set(optional)
     unknown = sorted(set(args) - allowed - {"repeat"})
     missing = [r for r in required if r not in args]
-    problems = [(k, f"unknown field for action {action!r}; allowed: {sorted(allowed)}")
-                for k in unknown]
+    problems = [
+        (k, f"unknown field for action {action!r}; allowed: {sorted(allowed)}") for k in unknown
+    ]
     problems += [(k, f"required by action {action!r}") for k in missing]
     if problems:
         raise ConfigError(problems)
@@ -46,5 +51,6 @@ def bytes_arg(v: Any) -> bytes:
 
 
 def unknown_action(device: str, action: str, allowed: list[str]) -> ConfigError:
-    return ConfigError([("action", f"device {device!r} has no action {action!r}; "
-                                   f"allowed: {sorted(allowed)}")])
+    return ConfigError(
+        [("action", f"device {device!r} has no action {action!r}; allowed: {sorted(allowed)}")]
+    )

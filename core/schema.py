@@ -30,8 +30,11 @@ def config_json_schema() -> dict[str, Any]:
             broken.append(f"{info.name}: {e}")
             continue
         if model is None:
-            props[info.name] = {"type": "object", "maxProperties": 0,
-                                "description": f"{info.kind} plugin {info.name} (no options)"}
+            props[info.name] = {
+                "type": "object",
+                "maxProperties": 0,
+                "description": f"{info.kind} plugin {info.name} (no options)",
+            }
             continue
         sub = model.model_json_schema()
         for k, v in sub.pop("$defs", {}).items():
@@ -49,7 +52,7 @@ def _rewrite_refs(node: Any, prefix: str) -> Any:
         out = {}
         for k, v in node.items():
             if k == "$ref" and isinstance(v, str) and v.startswith("#/$defs/"):
-                out[k] = f"#/$defs/{prefix}.{v[len('#/$defs/'):]}"
+                out[k] = f"#/$defs/{prefix}.{v[len('#/$defs/') :]}"
             else:
                 out[k] = _rewrite_refs(v, prefix)
         return out

@@ -244,9 +244,7 @@ class VCpu:
             exits=a.exits + b.exits,
         )
 
-    def _access_page(
-        self, gva: int, kind: Kind, size: int, data: bytes | None
-    ) -> AccessResult:
+    def _access_page(self, gva: int, kind: Kind, size: int, data: bytes | None) -> AccessResult:
         from kvmmu.memtype import pat_index, pat_type
         from kvmmu.mmu import RET_PF_EMULATE
 
@@ -282,6 +280,7 @@ class VCpu:
                 memtype = vm.hooks.effective_memtype(self, spte, guest_pat, hpa)
                 self._trace(kind, gva, gpa, hpa, spte, memtype.label, "ok")
                 vm.stats["accesses"] += 1
+                vm.note_memtype(gpa, memtype, spte)
                 return AccessResult(out, None, gpa, hpa, memtype, spte, level, exits=exits)
             exits += 1
             if exits > MAX_EXITS:
@@ -324,8 +323,16 @@ class VCpu:
                 claimed = got is not None
                 out = got if got is not None else b"\xff" * size
             self._trace(kind, gva, gpa, None, None, None, "mmio")
-            return AccessResult(out, None, gpa, None, None, emulated=True,
-                                exit=None if claimed else "mmio", exits=exits)
+            return AccessResult(
+                out,
+                None,
+                gpa,
+                None,
+                None,
+                emulated=True,
+                exit=None if claimed else "mmio",
+                exits=exits,
+            )
         if write:
             assert data is not None
             vm.stats["emulated_writes"] += 1
@@ -343,8 +350,16 @@ class VCpu:
         self.trace = deque(maxlen=maxlen)
         return self.trace
 
-    def _trace(self, kind: str, gva: int, gpa: int | None, hpa: int | None,
-               spte: int | None, memtype: str | None, outcome: str) -> None:
+    def _trace(
+        self,
+        kind: str,
+        gva: int,
+        gpa: int | None,
+        hpa: int | None,
+        spte: int | None,
+        memtype: str | None,
+        outcome: str,
+    ) -> None:
         if self.trace is not None:
             self.trace.append(TraceEvent(self.index, kind, gva, gpa, hpa, spte, memtype, outcome))
 
@@ -353,5 +368,12 @@ class VCpu:
 
     def state(self) -> dict[str, Any]:
         """Registers as a JSON-friendly dict."""
-        return {"index": self.index, "cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4,
-                "efer": self.efer, "cpl": self.cpl, "pat": self.pat}
+        return {
+            "index": self.index,
+            "cr0": self.cr0,
+            "cr3": self.cr3,
+            "cr4": self.cr4,
+            "efer": self.efer,
+            "cpl": self.cpl,
+            "pat": self.pat,
+        }

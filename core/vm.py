@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from kvmmu.config import VMConfig, parse_config
 from kvmmu.era import KernelVersion
 from kvmmu.errors import KvmError
@@ -44,9 +43,12 @@ class VM:
         self.config = cfg
         self.era = KernelVersion(cfg.era)
         resolved = resolve_plugins(cfg)
-        self.quirks = self._quirk_mask(cfg, getattr(resolved[0].cls,
-                                                    "QUIRKS_REQUIRING_SELF_SNOOP", 0))
+        self.quirks = self._quirk_mask(
+            cfg, getattr(resolved[0].cls, "QUIRKS_REQUIRING_SELF_SNOOP", 0)
+        )
         self.stats: Counter[str] = Counter()
+        #: (memslot id or None, effective type, SPTE memtype bits) -> accesses
+        self.memtypes_seen: Counter[tuple[int | None, Any, int]] = Counter()
         self.noncoherent_dma_count = 0
         self.host = HostMemory(maxphyaddr=cfg.host_maxphyaddr)
         self.memslots = Memslots()
@@ -74,16 +76,15 @@ class VM:
         """
         era = KernelVersion(cfg.era)
         present = supported_quirks(era, self_snoop=True)
-        supported = supported_quirks(era, self_snoop=cfg.host_self_snoop,
-                                     needs_self_snoop=needs_self_snoop)
+        supported = supported_quirks(
+            era, self_snoop=cfg.host_self_snoop, needs_self_snoop=needs_self_snoop
+        )
         mask = present
         for name, enabled in cfg.quirks.items():
             bit = QUIRKS[name][0]
             if enabled:
                 if not bit & present:
-                    raise KvmError(
-                        errno.EINVAL, f"quirk {name!r} does not exist in kernel {era}"
-                    )
+                    raise KvmError(errno.EINVAL, f"quirk {name!r} does not exist in kernel {era}")
                 continue
             if not bit & supported:
                 why = "host CPU lacks self-snoop" if bit & present else f"not in kernel {era}"
@@ -136,8 +137,9 @@ class VM:
         userspace_addr: int,
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION`` (v1 struct; spec/kvm-mmu.md §1.3)."""
-        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                                region2=False)
+        self._set_memory_region(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, region2=False
+        )
 
     def set_user_memory_region2(
         self,
@@ -150,13 +152,29 @@ class VM:
         guest_memfd_offset: int = 0,
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION2`` (6.8+; guest_memfd is not modelled)."""
-        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                                region2=True, guest_memfd=guest_memfd,
-                                guest_memfd_offset=guest_memfd_offset)
+        self._set_memory_region(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            region2=True,
+            guest_memfd=guest_memfd,
+            guest_memfd_offset=guest_memfd_offset,
+        )
 
-    def _set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int, *,
-                           region2: bool, guest_memfd: int = 0,
-                           guest_memfd_offset: int = 0) -> None:
+    def _set_memory_region(
+        self,
+        slot: int,
+        flags: int,
+        gpa: int,
+        size: int,
+        hva: int,
+        *,
+        region2: bool,
+        guest_memfd: int = 0,
+        guest_memfd_offset: int = 0,
+    ) -> None:
         """``kvm_set_memory_region`` -> ``kvm_set_memslot`` (KM-new).
 
         Every check runs before anything changes; a plugin may veto in
@@ -167,8 +185,15 @@ class VM:
         the generation moves (spec/kvm-mmu.md §1.4, §2.5).
         """
         prep = self.memslots.prepare(
-            slot, flags, gpa, size, hva, region2=region2, guest_memfd=guest_memfd,
-            guest_memfd_offset=guest_memfd_offset, max_gfn=self.mmu.max_gfn,
+            slot,
+            flags,
+            gpa,
+            size,
+            hva,
+            region2=region2,
+            guest_memfd=guest_memfd,
+            guest_memfd_offset=guest_memfd_offset,
+            max_gfn=self.mmu.max_gfn,
         )
         if prep.change is None:
             return
@@ -313,6 +338,15 @@ class VM:
                         "disallow count is 0"
                     )
         return out
+
+    def note_memtype(self, gpa: int, memtype: Any, spte: int) -> None:
+        """Count an access's effective type per memslot (for reports)."""
+        slot = self.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        # EPT leaves carry the memtype in bits 5:3 and IPAT in bit 6 in every
+        # era (spec/kvm-mmu.md §4.1); NPT and shadow SPTEs carry none (§4.2).
+        bits = spte & 0x78 if self.spte_format.name == "ept" else 0
+        key = (None if slot is None else slot.id, memtype, bits)
+        self.memtypes_seen[key] += 1
 
     def slot_of(self, gpa: int) -> Memslot | None:
         """The memslot covering ``gpa`` (address space 0), or ``None``."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 import kvmmu
+import pytest
 
 RAM_HVA = 0x7F00_0000_0000
 

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from kvmmu.cli import cli, run_cli
 
 
 def _run(*args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "kvmmu", *args], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmmu", *args], capture_output=True, text=True, timeout=300
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -70,8 +70,19 @@ def test_memtype_json_rows_have_documented_keys() -> None:
     res = CliRunner().invoke(cli, ["memtype", "--vendor", "vmx", "--era", "6.8", "--json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
-    keys = {"vendor", "era", "quirks", "noncoherent_dma", "guest_cr0_cd", "slot_kind",
-            "guest_pat", "guest_mtrr", "spte_memtype", "ipat", "effective"}
+    keys = {
+        "vendor",
+        "era",
+        "quirks",
+        "noncoherent_dma",
+        "guest_cr0_cd",
+        "slot_kind",
+        "guest_pat",
+        "guest_mtrr",
+        "spte_memtype",
+        "ipat",
+        "effective",
+    }
     assert rows and all(set(r) == keys for r in rows)
     assert {r["era"] for r in rows} == {"6.7"}  # 6.8 falls in the era that starts at 6.7
     mmio = [r for r in rows if r["slot_kind"] == "MMIO"]
@@ -82,7 +93,8 @@ def test_memtype_json_rows_have_documented_keys() -> None:
 
 def test_memtype_plot_writes_png(tmp_path: Path) -> None:
     out = tmp_path / "m.png"
-    res = CliRunner().invoke(cli, ["memtype", "--vendor", "svm", "--era", "6.16", "--plot",
-                                   str(out), "--json"])
+    res = CliRunner().invoke(
+        cli, ["memtype", "--vendor", "svm", "--era", "6.16", "--plot", str(out), "--json"]
+    )
     assert res.exit_code == 0, res.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

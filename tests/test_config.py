@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import kvmmu
+import pytest
 from kvmmu.config import parse_config
 from kvmmu.errors import ConfigError, KvmError
 

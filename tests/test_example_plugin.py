@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import sysconfig
 import textwrap
 import venv
@@ -35,16 +34,31 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # (the editable kvmmu install) are honoured through site.addsitedir.
     Path(purelib, "zz_parent.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
     subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         str(EXAMPLE)],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     return py
 
 
 def test_pip_installed_plugin_is_listed(throwaway: Path) -> None:
-    out = subprocess.run([str(throwaway), "-m", "kvmmu", "plugins", "--json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(throwaway), "-m", "kvmmu", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["tracer"]["kind"] == "consumer"
@@ -68,8 +82,9 @@ def test_vm_with_plugin_enabled_calls_its_hooks(throwaway: Path) -> None:
         print(json.dumps({"report": vm.hooks.report_sections()["tracer"],
                           "violations": vm.check_invariants()}))
     """)
-    out = subprocess.run([str(throwaway), "-c", script], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [str(throwaway), "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["report"]["track_writes"] == 1

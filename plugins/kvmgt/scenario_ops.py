@@ -25,8 +25,9 @@ def device_names(plugin: KvmgtPlugin) -> list[str]:
     return [f"gpu{i}" for i in range(len(plugin.vgpus))]
 
 
-def run_action(plugin: KvmgtPlugin, device: str, action: str,
-               args: dict[str, Any]) -> dict[str, Any]:
+def run_action(
+    plugin: KvmgtPlugin, device: str, action: str, args: dict[str, Any]
+) -> dict[str, Any]:
     from kvmmu.plugins.kvmgt.device import VGT_G2V_PPGTT_L4_PAGE_TABLE_CREATE
     from kvmmu.plugins.kvmgt.guest import GuestPpgtt
 
@@ -34,8 +35,12 @@ def run_action(plugin: KvmgtPlugin, device: str, action: str,
     ppgtts: dict[str, Any] = plugin.scenario_ppgtts.setdefault(device, {})
     if action == "ppgtt_create":
         a = take(action, args, ("name", "pool_start", "pool_end"), {"vcpu": 0})
-        g = GuestPpgtt(plugin.vm, int_arg(a["pool_start"]), int_arg(a["pool_end"]),
-                       vcpu=plugin.vm.vcpus[a["vcpu"]])
+        g = GuestPpgtt(
+            plugin.vm,
+            int_arg(a["pool_start"]),
+            int_arg(a["pool_end"]),
+            vcpu=plugin.vm.vcpus[a["vcpu"]],
+        )
         mm = vgpu.g2v_notify(VGT_G2V_PPGTT_L4_PAGE_TABLE_CREATE, g.pdps)
         ppgtts[a["name"]] = (g, mm)
         return {"ppgtt": a["name"], "pml4": g.pdps[0]}

@@ -48,6 +48,11 @@ class VirtioGpuConfig(BaseModel):
         Design.TODAY,
         description="today | kvm_mem_dma | kvm_mem_wc | virtio_noncoherent (docs/virtio-gpu.md)",
     )
+    report_designs: list[Design] | None = Field(
+        None,
+        description="designs the report's hazard table covers (default: this VM's design); "
+        "list all four to compare them under `kvmmu compare`",
+    )
     kvm_mem_dma_scope: Literal["slot", "vm"] = Field(
         "slot",
         description="kvm_mem_dma: 'slot' honours guest PAT in the slot only; 'vm' is the 2020 "

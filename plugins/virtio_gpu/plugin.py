@@ -355,7 +355,7 @@ class VirtioGpuPlugin:
             "hazards": [{"id": h.id, "cause": h.cause} for h in self.hazards],
             "hazard_table": hazard_table(
                 [vm.config.vendor],
-                [self.design],
+                c.report_designs or [self.design],
                 [str(vm.era)],
                 backing=c.backing,
                 host_memtype=c.host_memtype,

@@ -20,8 +20,17 @@ if TYPE_CHECKING:
 __all__ = ["ACTIONS", "DEVICE", "run_action"]
 
 DEVICE = "virtio-gpu0"
-ACTIONS = ["access", "check_coherency", "create_blob", "guest_init", "guest_map_blob",
-           "map_blob", "migration_read", "start_migration", "unmap_blob"]
+ACTIONS = [
+    "access",
+    "check_coherency",
+    "create_blob",
+    "guest_init",
+    "guest_map_blob",
+    "map_blob",
+    "migration_read",
+    "start_migration",
+    "unmap_blob",
+]
 
 
 def run_action(p: VirtioGpuPlugin, action: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -33,8 +42,9 @@ def run_action(p: VirtioGpuPlugin, action: str, args: dict[str, Any]) -> dict[st
     vm = p.vm
     if action == "guest_init":
         a = take(action, args, ("vcpu", "pt_gpa", "pt_size"))
-        p.scenario_guest = LinuxGuest(vm, vm.vcpus[a["vcpu"]], pt_gpa=int_arg(a["pt_gpa"]),
-                                      pt_size=int_arg(a["pt_size"]))
+        p.scenario_guest = LinuxGuest(
+            vm, vm.vcpus[a["vcpu"]], pt_gpa=int_arg(a["pt_gpa"]), pt_size=int_arg(a["pt_size"])
+        )
         return {"vcpu": a["vcpu"]}
     if action == "create_blob":
         a = take(action, args, ("resource_id", "size"), {"map_info": "WC"})

@@ -172,7 +172,9 @@ def hazard_table(
                             "era_row": row_era,
                             "design": design.value,
                             "backing": backing,
-                            "guest_pat": MemType(chk.guest_pat).label if chk.guest_pat else None,
+                            "guest_pat": MemType(chk.guest_pat).label
+                            if chk.guest_pat is not None
+                            else None,
                             "effective": chk.effective.label,
                             "host": chk.host.label,
                             "spte_memtype": describe_ept(chk.spte) if vendor == "vmx" else None,

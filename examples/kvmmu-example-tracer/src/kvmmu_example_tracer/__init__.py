@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from kvmmu import hookimpl
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["TracerConfig", "TracerPlugin"]
 
