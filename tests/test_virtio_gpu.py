@@ -322,3 +322,12 @@ def test_proposed_flag_bit_is_refused_so_design_is_a_plugin_attribute() -> None:
         vm.set_user_memory_region(40, 1 << 3, 0x2_0000_0000, 0x1000, 0x7D00_0000_0000)
     assert e.value.errno == errno.EINVAL
     assert plugin.design.value == "kvm_mem_wc"
+
+
+def test_hazard_table_labels_every_guest_pat_type_uc_included() -> None:
+    """UC is MemType 0: its row must still say "UC" (it once said null)."""
+    from kvmmu.plugins.virtio_gpu.designs import Design
+    from kvmmu.plugins.virtio_gpu.table import hazard_table
+
+    rows = hazard_table(["vmx"], [Design.TODAY], ["6.16"])
+    assert {r["guest_pat"] for r in rows} == {"WC", "UC-", "UC", "WT", "WP", "WB"}
