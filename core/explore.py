@@ -101,8 +101,10 @@ StepGen = Generator[Any, None, Any]
 class Instance(Protocol):
     """One freshly built model of a scenario, ready to run its operations."""
 
-    #: ``(name, generator)`` per operation, in a fixed order.
-    ops: Sequence[tuple[str, StepGen]]
+    @property
+    def ops(self) -> Sequence[tuple[str, StepGen]]:
+        """``(name, generator)`` per operation, in a fixed order."""
+        ...
 
     def check(self) -> list[str]:
         """Violated invariants at the end of a schedule (empty when all hold)."""
