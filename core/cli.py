@@ -174,8 +174,14 @@ def config_validate(file: Path) -> None:
 
 
 @config_group.command("schema")
-def config_schema() -> None:
+@click.option("--scenario", is_flag=True, help="the schema of a scenario file instead")
+def config_schema(scenario: bool) -> None:
     """Print the JSON schema of the config, every plugin section included."""
+    if scenario:
+        from kvmmu.scenario import scenario_json_schema
+
+        emit_json(scenario_json_schema())
+        return
     from kvmmu.schema import config_json_schema
 
     emit_json(config_json_schema())

@@ -201,3 +201,12 @@ def test_compare_eras_shows_memtype_change() -> None:
     out = _kvmmu("compare", str(SMALL), "--vendors", "vmx", "--eras", "6.8,6.16", "--json")
     res = json.loads(out.stdout)
     assert res["runs"] == ["vmx@6.7", "vmx@6.16"]
+
+
+def test_docs_schema_files_are_current() -> None:
+    """docs/*.schema.json are what `kvmmu config schema [--scenario]` prints."""
+    from kvmmu.schema import config_json_schema
+
+    docs = ROOT / "docs"
+    assert json.loads((docs / "scenario.schema.json").read_text()) == scenario_json_schema()
+    assert json.loads((docs / "config.schema.json").read_text()) == config_json_schema()
