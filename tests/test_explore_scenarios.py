@@ -1,0 +1,140 @@
+"""The built-in race scenarios: buggy variants break, fixed ones hold (issue 13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kvmmu.explore import explore, explore_model
+from kvmmu.explore_scenarios import BUILTIN_SCENARIOS, load_scenario
+
+
+def _index(schedule: list[str], label: str) -> int:
+    return next(k for k, s in enumerate(schedule) if s.startswith(label))
+
+
+def test_builtin_table() -> None:
+    assert set(BUILTIN_SCENARIOS) == {"race-2010", "mmu-notifier-retry"}
+    for meta in BUILTIN_SCENARIOS.values():
+        assert meta["variants"] == ["buggy", "fixed"]
+        assert meta["default_variant"] == "fixed"
+        assert meta["description"]
+
+
+def test_race_2010_level1_check_links_a_stale_table() -> None:
+    """Seed 004 case 1b: walk, guest repoints the unshadowed PDE, fetch links."""
+    d = explore("race-2010", "buggy")
+    assert d["violations"]
+    best = d["violations"][0]
+    sched = best["schedule"]
+    write = _index(sched, "vcpu1-write-pde")
+    assert _index(sched, "vcpu0-fault:walk") < write < _index(sched, "vcpu0-fault:install")
+    # the PD was not yet shadowed: the store went straight to guest memory
+    assert sched[write] == "vcpu1-write-pde:done=store"
+    assert any("stale shadow translation" in m for m in best["messages"])
+    assert all(len(v["schedule"]) >= len(sched) for v in d["violations"])
+
+
+def test_race_2010_fixed_gpte_changed_retries() -> None:
+    d = explore("race-2010", "fixed")
+    assert d["violations"] == []
+    assert d["schedules"] >= 3
+    assert explore("race-2010", None)["violations"] == []
+
+
+def test_mmu_notifier_retry_buggy_maps_a_reclaimed_pfn() -> None:
+    d = explore("mmu-notifier-retry", "buggy")
+    assert d["violations"]
+    sched = d["violations"][0]["schedule"]
+    assert len(sched) == 7
+    # GUP before the reclaim, the SPTE installed after it
+    assert _index(sched, "fault:faultin_pfn") < _index(sched, "host:reclaim")
+    assert _index(sched, "host:reclaim") < _index(sched, "fault:done")
+    assert sched[-1] == "fault:done=ret_pf=4"  # RET_PF_FIXED: the stale SPTE went in
+    assert any("stale SPTE" in m for m in d["violations"][0]["messages"])
+
+
+def test_mmu_notifier_retry_fixed_has_no_violation() -> None:
+    d = explore("mmu-notifier-retry")
+    assert d["variant"] == "fixed"
+    assert d["violations"] == []
+
+
+@pytest.mark.parametrize("name", ["race-2010", "mmu-notifier-retry"])
+def test_pruning_reduces_work_and_keeps_results(name: str) -> None:
+    scn = load_scenario(name)
+    full = explore_model(scn, "buggy", prune=False)
+    pruned = explore_model(scn, "buggy", prune=True)
+    assert pruned.nodes < full.nodes
+    assert pruned.schedules < full.schedules
+    assert pruned.end_states == full.end_states
+    assert len(pruned.violations[0].schedule) == len(full.violations[0].schedule)
+    assert pruned.violations[0].preemptions == min(
+        v.preemptions
+        for v in full.violations
+        if len(v.schedule) == len(full.violations[0].schedule)
+    )
+
+
+TOML = """
+[scenario]
+name = "fault-vs-two-hosts"
+description = "a TDP fault against an invalidation and a zap, from a file"
+default_variant = "fixed"
+[scenario.variants.buggy]
+mmu_notifier_retry_check = false
+[scenario.variants.fixed]
+
+[vm]
+tdp = true
+
+[[memslot]]
+slot = 0
+gpa = 0x0
+size = 0x10000
+hva = 0x7f0000000000
+
+[[setup]]
+kind = "write_u64"
+gpa = 0x2000
+value = 0x1234
+
+[[op]]
+name = "fault"
+kind = "tdp_fault"
+gpa = 0x2000
+write = false
+
+[[op]]
+name = "host"
+kind = "invalidate"
+hva = 0x7f0000002000
+size = 0x1000
+reclaim = true
+
+[[op]]
+name = "zap"
+kind = "zap"
+gfn = 2
+nr = 1
+"""
+
+
+def test_toml_scenario_file(tmp_path: Path) -> None:
+    p = tmp_path / "race.toml"
+    p.write_text(TOML)
+    buggy = explore(str(p), "buggy")
+    fixed = explore(str(p), "fixed")
+    assert buggy["scenario"] == "fault-vs-two-hosts"
+    assert buggy["violations"] and not fixed["violations"]
+    assert len(buggy["violations"][0]["schedule"]) == 8
+    assert fixed["schedules"] > 10
+
+
+def test_unknown_scenario_and_kind(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no built-in scenario"):
+        load_scenario("nope")
+    p = tmp_path / "bad.toml"
+    p.write_text(TOML.replace('kind = "zap"', 'kind = "teleport"'))
+    with pytest.raises(ValueError, match="unknown kind"):
+        explore(str(p), None)
