@@ -19,11 +19,10 @@ the same or a smaller depth is not expanded: its futures are those of the
 first node, so the set of reachable end states, and the shortest violating
 schedule, are unchanged; spin loops that return to a seen state are cut.
 At the end of every schedule the scenario's check runs (for a VM scenario:
-``vm.check_invariants()`` plus the scenario's own rules); a non-empty result is a
-violation. The reported
-counterexample is the *minimal* violating schedule: fewest steps, then fewest
-preemptions (switches away from an operation that had not finished), then
-the first in DFS order.
+``vm.check_invariants()`` plus the scenario's own rules); a non-empty result
+is a violation. The reported counterexample is the *minimal* violating
+schedule: fewest steps, then fewest preemptions (switches away from an
+operation that had not finished), then the first in DFS order.
 
 Local state of an operation is read from its generator frames (following
 ``yield from``); objects the scenario lists as *shared* (the VM, vCPUs, ...)
@@ -151,6 +150,8 @@ class ExploreResult:
     seconds: float = 0.0
     violations: list[Violation] = field(default_factory=list)
     end_states: int = 0
+    #: Every complete schedule's step labels (only with ``record=True``).
+    completed: list[list[str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able report (``kvmmu explore --json``)."""
@@ -317,8 +318,14 @@ def explore_model(
     prune: bool = True,
     max_nodes: int = 200_000,
     max_depth: int = 64,
+    record: bool = False,
 ) -> ExploreResult:
-    """Run ``scn`` through every schedule; see the module docstring."""
+    """Run ``scn`` through every schedule; see the module docstring.
+
+    ``prune`` turns state-hash pruning on; ``record`` keeps every complete
+    schedule in :attr:`ExploreResult.completed`. ``max_nodes`` and
+    ``max_depth`` bound the search (RuntimeError beyond them).
+    """
     var = scn.default_variant if variant is None else variant
     if var not in scn.variants:
         raise ValueError(f"scenario {scn.name!r} has no variant {var!r}; have {scn.variants}")
@@ -339,6 +346,8 @@ def explore_model(
             enabled = []
         if not enabled:
             res.schedules += 1
+            if record:
+                res.completed.append(list(run.labels))
             msgs = list(run.errors) + list(run.inst.check())
             end_states.add((run.inst.state(), tuple(msgs)))
             if msgs:

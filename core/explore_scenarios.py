@@ -126,15 +126,28 @@ def _tdp_fault(vm: Any, op: dict[str, Any]) -> StepGen:
     return f"ret_pf={r}"
 
 
+def _point(p: Any) -> str:
+    """A shadow ``FaultStep`` as ``name[L<level> gfn <gfn>]`` (Points B-D of seed 004)."""
+    name = getattr(p, "name", None)
+    if name is None:
+        return str(p)
+    return f"{name}[L{p.level} gfn {p.gfn:#x}]"
+
+
 def _shadow_fault(vm: Any, op: dict[str, Any]) -> StepGen:
-    """``FNAME(page_fault)`` as steps (``arch/x86/kvm/mmu/paging_tmpl.h: FNAME(fetch)``)."""
+    """``FNAME(page_fault)`` as steps (``arch/x86/kvm/mmu/paging_tmpl.h: FNAME(fetch)``).
+
+    ``walk`` (the guest walk is done, no lock), ``sp[L.. gfn ..]`` (Point B:
+    the shadow page of that guest table exists and write-protects it; next
+    come Point C, ``gpte_changed``, and Point D, the link), ``install``.
+    """
     vcpu = vm.vcpus[int(op.get("vcpu", 0))]
     err = 2 if op.get("write", False) else 0
     gen = vm.mmu.page_fault_steps(vcpu, int(op["gva"]), err)
     try:
         point = next(gen)
         while True:
-            yield getattr(point, "name", point)
+            yield _point(point)
             point = next(gen)
     except StopIteration as stop:
         return f"ret_pf={stop.value}"

@@ -10,7 +10,8 @@ from kvmmu.explore_scenarios import BUILTIN_SCENARIOS, load_scenario
 
 
 def _index(schedule: list[str], label: str) -> int:
-    return next(k for k, s in enumerate(schedule) if s.startswith(label))
+    """Position of the first step starting with ``label`` (len(schedule) if none)."""
+    return next((k for k, s in enumerate(schedule) if s.startswith(label)), len(schedule))
 
 
 def test_builtin_table() -> None:
@@ -138,3 +139,26 @@ def test_unknown_scenario_and_kind(tmp_path: Path) -> None:
     p.write_text(TOML.replace('kind = "zap"', 'kind = "teleport"'))
     with pytest.raises(ValueError, match="unknown kind"):
         explore(str(p), None)
+
+
+def test_race_2010_fixed_covers_the_emulated_write_and_the_retry() -> None:
+    """Both seed-004 cases appear: the write to an already shadowed PD is
+    emulated (case 1a, zapped by kvm_mmu_track_write), and a write before the
+    PD's sp exists is caught by gpte_changed (case 1b, RETRY)."""
+    res = explore_model(load_scenario("race-2010"), "fixed", prune=False, record=True)
+    assert res.violations == []
+    assert any("vcpu1-write-pde:emulated-store" in s for s in res.completed)
+    retried = [s for s in res.completed if "vcpu0-fault:done=ret_pf=1" in s]
+    assert retried
+    assert all(_index(s, "vcpu0-fault:walk") < _index(s, "vcpu1-write-pde") for s in retried)
+
+
+def test_mmu_notifier_retry_fixed_retries_the_racing_fault() -> None:
+    res = explore_model(load_scenario("mmu-notifier-retry"), "fixed", prune=False, record=True)
+    racing = [
+        s
+        for s in res.completed
+        if _index(s, "fault:faultin_pfn") < _index(s, "host:reclaim") < _index(s, "fault:done")
+    ]
+    assert racing
+    assert all("fault:done=ret_pf=1" in s for s in racing)  # RET_PF_RETRY
