@@ -25,6 +25,8 @@ __all__ = [
     "MMIO_SPTE_GEN_HIGH_MASK",
     "MMIO_SPTE_GEN_HIGH_SHIFT",
     "MMIO_SPTE_GEN_HIGH_START",
+    "MMIO_SPTE_GEN_LAYOUT",
+    "MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH",
     "MMIO_SPTE_GEN_LOW_BITS",
     "MMIO_SPTE_GEN_LOW_END",
     "MMIO_SPTE_GEN_LOW_MASK",
@@ -43,6 +45,7 @@ __all__ = [
     "SHADOW_ACC_TRACK_SAVED_MASK",
     "SHADOW_NONPRESENT_VALUE",
     "SPTE_BASE_ADDR_MASK",
+    "SPTE_MMU_PRESENT_HIGH_MASK",
     "SPTE_MMU_PRESENT_MASK",
     "SPTE_TDP_AD_DISABLED",
     "SPTE_TDP_AD_ENABLED",
@@ -79,6 +82,17 @@ __all__ = [
 
 #: ``SPTE_MMU_PRESENT_MASK``: bit 11 in every shadow-present SPTE (spec/kvm-mmu.md §4.4).
 SPTE_MMU_PRESENT_MASK = 1 << 11
+#: Bit 59: ``SPTE_MMU_PRESENT_MASK`` with ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH``
+#: (VT-d reserves bit 11; spec/consumers.md T6 [TDP-24]).
+SPTE_MMU_PRESENT_HIGH_MASK = 1 << 59
+#: The MMIO generation layout (``MMIO_SPTE_GEN_*``, spte.h; spec/kvm-mmu.md
+#: §3.10) as ``(spte_shift, bits)`` pieces, lowest generation bits first:
+#: bits 0-7 in SPTE bits 3-10, bits 8-18 in SPTE bits 52-62.
+MMIO_SPTE_GEN_LAYOUT: tuple[tuple[int, int], ...] = ((3, 8), (52, 11))
+#: With the MMU-present bit at 59 (spec/consumers.md T6 [TDP-24]): low 3-11
+#: (9 bits; MMIO SPTEs may use bit 11, VT-d never walks them), mid 52-58 (7),
+#: high 60-62 (3).
+MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH: tuple[tuple[int, int], ...] = ((3, 9), (52, 7), (60, 3))
 #: ``PT_WRITABLE_MASK``: bit 1, W in both EPT and x86 formats.
 PT_WRITABLE_MASK = 1 << 1
 #: ``PT_PAGE_SIZE_MASK``: bit 7, PS in huge leaves (EPT and x86).
@@ -98,7 +112,13 @@ class SpteFormat:
     names without the ``shadow_`` prefix. ``memtype_mask`` is
     ``shadow_memtype_mask`` (EPT ``0x78``, else 0). ``max_level`` is the
     largest huge-page level the MMU may map (1 = 4K, 2 = 2M, 3 = 1G);
-    ``root_level`` the paging depth (4 or 5).
+    ``root_level`` the paging depth (4 or 5). ``mmu_present_mask`` is
+    ``SPTE_MMU_PRESENT_MASK`` (bit 11, or bit 59 with
+    ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH``, spec/consumers.md T6);
+    ``mmio_gen_layout`` the ``(spte_shift, bits)`` pieces of the 19-bit MMIO
+    generation; ``rsvd_mask`` bits that must be clear in every
+    shadow-present SPTE (the part of ``shadow_zero_check`` the model checks:
+    bit 11 with the present bit high).
     """
 
     name: str
@@ -120,6 +140,16 @@ class SpteFormat:
     root_level: int = 4
     writable_mask: int = PT_WRITABLE_MASK
     large_mask: int = PT_PAGE_SIZE_MASK
+    mmu_present_mask: int = SPTE_MMU_PRESENT_MASK
+    mmio_gen_layout: tuple[tuple[int, int], ...] = MMIO_SPTE_GEN_LAYOUT
+    rsvd_mask: int = 0
+
+    def __post_init__(self) -> None:
+        if sum(bits for _, bits in self.mmio_gen_layout) != 19:
+            raise ValueError(f"mmio_gen_layout {self.mmio_gen_layout} must hold 19 bits")
+        gen = _gen_spte_bits(self.mmio_gen_layout)
+        if gen & self.mmu_present_mask:
+            raise ValueError("the MMIO generation must not use the MMU-present bit")
 
     @property
     def mmio_caching(self) -> bool:
@@ -186,9 +216,12 @@ def KVM_PAGES_PER_HPAGE(level: int) -> int:
     return 1 << (9 * (level - 1))
 
 
-def is_shadow_present_pte(spte: int) -> bool:
-    """``is_shadow_present_pte``: bit 11 (``SPTE_MMU_PRESENT_MASK``) set (§4.4)."""
-    return bool(spte & SPTE_MMU_PRESENT_MASK)
+def is_shadow_present_pte(spte: int, mask: int = SPTE_MMU_PRESENT_MASK) -> bool:
+    """``is_shadow_present_pte``: ``SPTE_MMU_PRESENT_MASK`` set (§4.4).
+
+    ``mask`` is the format's ``mmu_present_mask`` (bit 59 with the T6 move).
+    """
+    return bool(spte & mask)
 
 
 def is_large_pte(spte: int) -> bool:
@@ -245,17 +278,39 @@ def is_access_allowed(fmt: SpteFormat, spte: int, *, write: bool, exec_: bool) -
     return bool(spte & PT_PRESENT_MASK)
 
 
-def generation_mmio_spte_mask(gen: int) -> int:
-    """``generation_mmio_spte_mask``: spread 19 generation bits into the SPTE."""
-    mask = (gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK
-    mask |= (gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK
+def _gen_spte_bits(layout: tuple[tuple[int, int], ...]) -> int:
+    """The SPTE bits a generation layout occupies."""
+    out = 0
+    for shift, bits in layout:
+        out |= ((1 << bits) - 1) << shift
+    return out
+
+
+def generation_mmio_spte_mask(
+    gen: int, layout: tuple[tuple[int, int], ...] = MMIO_SPTE_GEN_LAYOUT
+) -> int:
+    """``generation_mmio_spte_mask``: spread 19 generation bits into the SPTE.
+
+    ``layout`` is the format's ``mmio_gen_layout`` (two pieces, or three with
+    the T6 present-high split).
+    """
+    mask = 0
+    pos = 0
+    for shift, bits in layout:
+        mask |= ((gen >> pos) & ((1 << bits) - 1)) << shift
+        pos += bits
     return mask
 
 
-def get_mmio_spte_generation(spte: int) -> int:
+def get_mmio_spte_generation(
+    spte: int, layout: tuple[tuple[int, int], ...] = MMIO_SPTE_GEN_LAYOUT
+) -> int:
     """``get_mmio_spte_generation``: gather the 19 generation bits back."""
-    gen = (spte & MMIO_SPTE_GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_SHIFT
-    gen |= (spte & MMIO_SPTE_GEN_HIGH_MASK) >> MMIO_SPTE_GEN_HIGH_SHIFT
+    gen = 0
+    pos = 0
+    for shift, bits in layout:
+        gen |= ((spte >> shift) & ((1 << bits) - 1)) << pos
+        pos += bits
     return gen
 
 
@@ -281,18 +336,22 @@ def make_mmio_spte(fmt: SpteFormat, gfn: int, access: int, memslots_generation: 
     never encoded.
     """
     gen = memslots_generation & MMIO_SPTE_GEN_MASK
-    spte = generation_mmio_spte_mask(gen)
+    spte = generation_mmio_spte_mask(gen, fmt.mmio_gen_layout)
     spte |= fmt.mmio_value | (access & fmt.mmio_access_mask)
     spte |= (gfn << PAGE_SHIFT) & MMIO_GPA_MASK
     return spte
 
 
-def check_mmio_spte(spte: int, memslots_generation: int) -> bool:
+def check_mmio_spte(
+    spte: int,
+    memslots_generation: int,
+    layout: tuple[tuple[int, int], ...] = MMIO_SPTE_GEN_LAYOUT,
+) -> bool:
     """``check_mmio_spte`` (mmu.c): false while a memslot update is in progress,
     or when the SPTE's generation differs from the memslots generation."""
     if memslots_generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
         return False
-    return (memslots_generation & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
+    return (memslots_generation & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte, layout)
 
 
 def mark_spte_for_access_track(fmt: SpteFormat, spte: int) -> int:
@@ -342,10 +401,10 @@ def make_spte_nonexecutable(fmt: SpteFormat, spte: int) -> int:
 def make_nonleaf_spte(fmt: SpteFormat, child_hpa: int, ad_disabled: bool) -> int:
     """``make_nonleaf_spte`` (spte.c; spec/kvm-mmu.md §4.6).
 
-    ``MMU_PRESENT | child table | present | W | U | X`` plus Accessed (or the
+    ``mmu_present_mask | child table | present | W | U | X`` plus Accessed (or the
     AD-disabled marker). No memtype: EPT non-leaf bits 6:3 are reserved.
     """
-    spte = SPTE_MMU_PRESENT_MASK | child_hpa | fmt.present_mask | PT_WRITABLE_MASK
+    spte = fmt.mmu_present_mask | child_hpa | fmt.present_mask | PT_WRITABLE_MASK
     spte |= fmt.user_mask | fmt.x_mask
     if ad_disabled:
         spte |= SPTE_TDP_AD_DISABLED
@@ -379,7 +438,7 @@ def make_spte(
     MMU-writable). Marking the slot dirty is the caller's job (it needs the
     slot), done when the result is writable and the slot logs dirty pages.
     """
-    spte = SPTE_MMU_PRESENT_MASK
+    spte = fmt.mmu_present_mask
     if ad_disabled:
         spte |= SPTE_TDP_AD_DISABLED
     spte |= fmt.present_mask

@@ -272,3 +272,27 @@ def test_tdp_mmu_does_not_prefetch() -> None:
         vm.gfn_to_pfn(g, write=True)
     vm.mmu.page_fault(vm.vcpus[0], 0x13 << 12, W)
     assert vm.mmu.translate(0x14 << 12) is None
+
+
+def test_mmio_spte_stale_after_generation_bump_with_mmu_present_high() -> None:
+    """consumers.md T6: the split generation (3-11/52-58/60-62) still detects a bump."""
+    vm = _vm(plugins={"vmx": {"mmu_present_high": True}})
+    fmt = vm.spte_format
+    assert fmt.mmu_present_mask == 1 << 59
+    assert fmt.mmio_gen_layout == S.MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH
+    v = vm.vcpus[0]
+    gpa = 0x1_0000_0000
+    assert vm.mmu.page_fault(v, gpa, R) == RET_PF_EMULATE
+    mmio = vm.mmu.translate(gpa)[0]
+    assert S.is_mmio_spte(fmt, mmio)
+    assert S.check_mmio_spte(mmio, vm.memslots.generation, fmt.mmio_gen_layout)
+    vm.host.mmap_anon(HVA + (1 << 32), 1 << 21)
+    vm.set_user_memory_region(1, 0, gpa, 1 << 21, HVA + (1 << 32))  # generation moves
+    old = vm.mmu.translate(gpa)[0]
+    assert not S.check_mmio_spte(old, vm.memslots.generation, fmt.mmio_gen_layout)
+    assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK) == RET_PF_FIXED
+    new = vm.mmu.translate(gpa)[0]
+    assert S.is_shadow_present_pte(new, fmt.mmu_present_mask) and not new & (1 << 11)
+    vm.mmu.page_fault(v, 0x3000, W)
+    assert vm.mmu.translate(0x3000)[0] & (1 << 59)
+    assert vm.check_invariants() == []

@@ -185,7 +185,7 @@ def test_t1_preconditions_each_refused_with_einval():
             p.create_tdp_fd(**kw)
         assert errno_of(e) == errno.EINVAL and "T1" in str(e.value)
     novcpu = kvmmu.VM(
-        {"vcpus": 0, "plugins": {"enabled": ["iommu"], "iommu": {"vtd_bit11_reserved": False}}}
+        {"vcpus": 0, "plugins": {"enabled": ["iommu"], "vmx": {"mmu_present_high": True}}}
     )
     with pytest.raises(kvmmu.KvmError) as e:
         novcpu.plugin("iommu").create_tdp_fd()
@@ -297,14 +297,19 @@ def test_t4_item18_fast_zap_keeps_exported_root(shared):
     root = vm.mmu.root_hpa(0)
     dev.dma_write(2 << 12, b"before")
     inv_before = p.iommu.iotlb.stats.entries_invalidated
+    zaps_before = vm.stats["tdp_exported_root_leaf_zaps"]
     vm.set_user_memory_region(1, 0, 1 << 30, 4096, GUEST_HVA + (PAGES << 12))
     vm.host.mmap_anon(GUEST_HVA + (PAGES << 12), 4096)
-    vm.set_user_memory_region(1, 0, 1 << 30, 0, GUEST_HVA + (PAGES << 12))  # DELETE
-    vm.zap_all_fast()
+    vm.set_user_memory_region(1, 0, 1 << 30, 0, GUEST_HVA + (PAGES << 12))  # DELETE: fast zap
+    vm.zap_all_fast()  # again: nothing left to zap, no flush
     assert vm.mmu.root_hpa(0) == root  # the exported root stays valid and active
     assert vm.mmu.translate(2 << 12) is None  # its leaves were zapped synchronously
     assert p.iommu.iotlb.stats.entries_invalidated > inv_before  # and the IOTLB with them
-    assert p.stats["t4_leaf_zaps"] >= 1
+    # the MMU did it (kvm_tdp_mmu_invalidate_all_roots skips exported roots), not the
+    # plugin; the second fast zap found no leaf and did not count
+    assert vm.stats["tdp_exported_root_leaf_zaps"] == zaps_before + 1
+    assert not hasattr(vm.mmu.zap_all_fast, "__self__") or vm.mmu.zap_all_fast.__self__ is vm.mmu
+    assert p.stats["t4_fast_zaps"] >= 1 and p.violations == []
     assert vm.check_invariants() == []
     assert dev.dma_read(2 << 12, 6) == b"before"  # refaults through the same root
     assert vm.mmu.root_hpa(0) == root
@@ -344,28 +349,56 @@ def test_t5_dirty_log_write_protect_invalidates_iotlb(shared):
 
 
 # ---------------------------------------------------------------- T6
-def test_t6_vtd_reserves_bit11_in_shared_tables(shared):
+def test_t6_shared_tables_have_mmu_present_at_bit59_and_translate(shared):
     vm, _p, dev = shared
-    fmt = io_format_for_spte(vm.spte_format, bit11_reserved=True)
+    assert vm.spte_format.mmu_present_mask == 1 << 59
     dev.dma_read(7 << 12, 8)
     hwpt = dev.bound.hwpt
+    fmt = io_format_for_spte(vm.spte_format, bit11_reserved=True)
+    assert fmt.reserved_mask == 1 << 11
     walk = io_walk(vm.mmu.pool.table, hwpt.domain.root_hpa, vm.mmu.root_level, fmt, 7 << 12)
-    mmu_present = int(getattr(vm.spte_format, "mmu_present_mask", 1 << 11))
-    # with SPTE_MMU_PRESENT at bit 11 VT-d sees a reserved bit; moved to 59 it translates
-    assert walk.ok == (mmu_present != 1 << 11)
-    if not walk.ok:
-        assert walk.reason == "reserved"
+    assert walk.ok and walk.level == 1
+    leaves = [int(s) for _t, _l, _g, sptes in vm.mmu.leaves() for s in sptes]
+    assert leaves and all(s & (1 << 59) and not s & (1 << 11) for s in leaves)
 
 
-def test_t6_sharing_needs_mmu_present_high_when_bit11_is_reserved():
+def test_t6_vtd_walk_of_bit11_tables_hits_the_reserved_bit():
+    # Without the move (bit 11 = MMU-present) a real VT-d walk of KVM's tables faults.
+    plain = kvmmu.VM({"vcpus": 1})
+    plain.host.mmap_anon(GUEST_HVA, PAGES << 12)
+    plain.set_user_memory_region(0, 0, 0, PAGES << 12, GUEST_HVA)
+    plain.pre_fault_memory(7 << 12, 4096)
+    fmt = io_format_for_spte(plain.spte_format, bit11_reserved=True)
+    walk = io_walk(plain.mmu.pool.table, plain.mmu.root_hpa(0), plain.mmu.root_level, fmt, 7 << 12)
+    assert not walk.ok and walk.reason == "reserved"
+
+
+def test_t6_sharing_refused_without_mmu_present_high_when_bit11_is_reserved():
     vm = kvmmu.VM({"plugins": {"enabled": ["iommu"], "iommu": {"mode": "shared"}}})
-    moved = int(getattr(vm.spte_format, "mmu_present_mask", 1 << 11)) == 1 << 59
-    if moved:
-        assert vm.plugin("iommu").create_tdp_fd().as_id == 0
-    else:
-        with pytest.raises(kvmmu.KvmError) as e:
-            vm.plugin("iommu").create_tdp_fd()
-        assert errno_of(e) == errno.EINVAL and "PRESENT_HIGH" in str(e.value)
+    assert vm.spte_format.mmu_present_mask == 1 << 11
+    with pytest.raises(kvmmu.KvmError) as e:
+        vm.plugin("iommu").create_tdp_fd()
+    assert errno_of(e) == errno.EINVAL and "PRESENT_HIGH" in str(e.value)
+    # the what-if IOMMU that ignores bit 11 can share today's layout
+    ok = kvmmu.VM(
+        {
+            "plugins": {
+                "enabled": ["iommu"],
+                "iommu": {"mode": "shared", "vtd_bit11_reserved": False},
+            }
+        }
+    )
+    assert ok.plugin("iommu").create_tdp_fd().as_id == 0
+    high = kvmmu.VM(
+        {
+            "plugins": {
+                "enabled": ["iommu"],
+                "iommu": {"mode": "shared"},
+                "vmx": {"mmu_present_high": True},
+            }
+        }
+    )
+    assert high.plugin("iommu").create_tdp_fd().as_id == 0
 
 
 def test_t6_walker_reserved_bit_on_own_format():
@@ -373,6 +406,25 @@ def test_t6_walker_reserved_bit_on_own_format():
     pt.map_page(1, 0x99, read=True, write=True)
     pt.pool[1, 0] |= np.uint64(1 << 11)  # a stray bit 11 in a non-leaf: reserved
     assert io_walk(pt.table, pt.root_hpa, 4, VTD_SL_FORMAT, 1 << 12).reason == "reserved"
+
+
+def test_t2_put_exported_root_zaps_and_frees_unless_a_vcpu_holds_it():
+    vm = make_vm("shared", PAGES)
+    p = vm.plugin("iommu")
+    fd = p.create_tdp_fd()
+    root = next(r for r in vm.mmu.roots if vm.mmu.pool.hpa(r.idx) == fd.root_hpa)
+    assert root.exported and root.exported_refs == 1
+    assert fd.fault(3, read=True, write=False) == 0  # IOPF: no vCPU holds the root
+    fd.close()
+    assert root not in vm.mmu.roots and not vm.mmu.pool.live[root.idx]  # freed
+    fd2 = p.create_tdp_fd()
+    vm.mmu.page_fault(vm.vcpus[0], 4 << 12, PFERR_WRITE | PFERR_USER)  # a vCPU loads it
+    root2 = vm.mmu.vcpu_root(vm.vcpus[0])
+    assert vm.mmu.pool.hpa(root2.idx) == fd2.root_hpa
+    fd2.close()
+    assert not root2.exported and root2 in vm.mmu.roots and not root2.invalid
+    assert vm.mmu.translate(4 << 12) is None  # zapped on put, root kept for the vCPU
+    assert vm.check_invariants() == []
 
 
 def test_shared_mode_needs_ept_format():

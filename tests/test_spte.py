@@ -137,3 +137,61 @@ def test_nonleaf_spte_has_no_memtype_and_full_access() -> None:
     spte = S.make_nonleaf_spte(EPT, 0x5000, ad_disabled=True)
     assert spte & 7 == 7 and not spte & 0x78
     assert spte & S.SPTE_TDP_AD_MASK == S.SPTE_TDP_AD_DISABLED
+
+
+EPT_HIGH = S.SpteFormat(
+    **{
+        **{f: getattr(EPT, f) for f in EPT.__dataclass_fields__},
+        "mmu_present_mask": S.SPTE_MMU_PRESENT_HIGH_MASK,
+        "mmio_gen_layout": S.MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH,
+        "rsvd_mask": S.SPTE_MMU_PRESENT_MASK,
+    }
+)
+
+
+@given(st.integers(0, (1 << 19) - 1), st.integers(0, (1 << 34) - 1))
+def test_mmio_generation_roundtrip_19_bits_both_layouts(gen: int, gfn: int) -> None:
+    for fmt in (EPT, EPT_HIGH):
+        layout = fmt.mmio_gen_layout
+        spte = S.make_mmio_spte(fmt, gfn, S.ACC_ALL, gen)
+        assert S.get_mmio_spte_generation(spte, layout) == gen
+        assert S.get_mmio_spte_gfn(spte) == gfn
+        assert S.check_mmio_spte(spte, gen, layout)
+        assert not S.is_shadow_present_pte(spte, fmt.mmu_present_mask)
+        assert S.is_mmio_spte(fmt, spte)
+
+
+def test_mmio_generation_layouts_use_the_spec_bits() -> None:
+    """spec/kvm-mmu.md §3.10 (3-10, 52-62) and consumers.md T6 (3-11, 52-58, 60-62)."""
+    every = (1 << 19) - 1
+    low = S.generation_mmio_spte_mask(every)
+    assert low == (((1 << 8) - 1) << 3) | (((1 << 11) - 1) << 52)
+    high = S.generation_mmio_spte_mask(every, S.MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH)
+    assert high == (((1 << 9) - 1) << 3) | (((1 << 7) - 1) << 52) | (7 << 60)
+    assert not high & S.SPTE_MMU_PRESENT_HIGH_MASK and high & (1 << 11)
+    assert not low & S.SPTE_MMU_PRESENT_MASK
+    # generation bit 8 moves from SPTE bit 52 to bit 11; bit 15 from 59 to 58; 16 to 60
+    assert S.generation_mmio_spte_mask(1 << 8) == 1 << 52
+    assert S.generation_mmio_spte_mask(1 << 8, S.MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH) == 1 << 11
+    assert S.generation_mmio_spte_mask(1 << 16, S.MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH) == 1 << 60
+
+
+def test_format_rejects_bad_generation_layouts() -> None:
+    import pytest
+
+    fields = {f: getattr(EPT, f) for f in EPT.__dataclass_fields__}
+    with pytest.raises(ValueError, match="19 bits"):
+        S.SpteFormat(**{**fields, "mmio_gen_layout": ((3, 8), (52, 10))})
+    with pytest.raises(ValueError, match="MMU-present"):
+        S.SpteFormat(**{**fields, "mmu_present_mask": 1 << 59})  # 52-62 covers 59
+
+
+def test_present_high_format_sets_bit59_never_bit11() -> None:
+    spte, _ = _make(EPT_HIGH)
+    assert spte & S.SPTE_MMU_PRESENT_HIGH_MASK and not spte & S.SPTE_MMU_PRESENT_MASK
+    assert S.is_shadow_present_pte(spte, EPT_HIGH.mmu_present_mask)
+    assert not S.is_shadow_present_pte(spte)  # the default mask is bit 11
+    nl = S.make_nonleaf_spte(EPT_HIGH, 0x5000, False)
+    assert nl & S.SPTE_MMU_PRESENT_HIGH_MASK and not nl & EPT_HIGH.rsvd_mask
+    tracked = S.mark_spte_for_access_track(EPT_HIGH, spte)
+    assert S.is_shadow_present_pte(tracked, EPT_HIGH.mmu_present_mask)

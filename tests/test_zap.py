@@ -183,3 +183,42 @@ def test_invalidation_outside_slots_does_not_begin() -> None:
     vm.host.mmap_anon(0x1000_0000, 1 << 20)
     vm.host.invalidate_range(0x1000_0000, 0x1010_0000)
     assert vm.mmu.invalidate.seq == 0
+
+
+def test_zap_all_fast_keeps_exported_root_zaps_its_leaves_flushes_exactly() -> None:
+    """consumers.md T4 [TDP-36]: kvm_tdp_mmu_invalidate_all_roots skips exported roots."""
+    vm, rec = _vm()
+    v = vm.vcpus[0]
+    _fault(vm, 5, 9)
+    vm.mmu.page_fault(v, 0x1000, W, as_id=1)  # an SMM root (no slot: an MMIO SPTE)
+    smm = vm.mmu.vcpu_root(v, 1)
+    hpa = vm.mmu.get_exported_root(0)
+    exported = vm.mmu.vcpu_root(v, 0)
+    assert vm.mmu.pool.hpa(exported.idx) == hpa and exported.exported
+    rec.ranges.clear()
+    vm.zap_all_fast()
+    assert not exported.invalid and exported in vm.mmu.roots  # kept valid
+    assert smm.invalid and smm not in vm.mmu.roots  # the others went
+    assert vm.mmu.translate(5 << 12) is None and vm.mmu.translate(9 << 12) is None
+    assert not vm.mmu.has_present_leaf(exported.idx)
+    # exactly the exported root's zapped hull (the freed SMM root had no present leaf)
+    assert rec.ranges == [(5, 5)]
+    assert rec.events[-1].endswith("False True")  # hook: not every root invalid
+    assert vm.stats["tdp_exported_root_leaf_zaps"] == 1
+    # vCPUs keep using the same root
+    _fault(vm, 7)
+    assert vm.mmu.vcpu_root(v, 0) is exported and vm.mmu.root_hpa(0) == hpa
+    assert vm.mmu.translate(7 << 12) is not None
+    assert vm.mmu.check_invariants() == []
+    # nothing to zap: no exported-root flush
+    vm.mmu.zap_gfn_range(0, vm.mmu.max_gfn + 1)
+    rec.ranges.clear()
+    vm.zap_all_fast()
+    assert rec.ranges == []
+    # put: clear exported, zap, the vCPU still holds it
+    _fault(vm, 8)
+    vm.mmu.put_exported_root(hpa)
+    assert not exported.exported and not exported.invalid
+    assert rec.ranges == [(8, 1)]
+    vm.zap_all_fast()
+    assert exported.invalid  # no longer exported: fast zap obsoletes it as usual

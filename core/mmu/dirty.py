@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DirtyMixin"]
 
-_PRESENT = np.uint64(S.SPTE_MMU_PRESENT_MASK)
 _PS = np.uint64(S.PT_PAGE_SIZE_MASK)
 _ADDR = S.SPTE_BASE_ADDR_MASK
 
@@ -93,7 +92,7 @@ class DirtyMixin(TdpBase):
                     continue
                 idxs = (arr[s:e] & 511).astype(np.intp)
                 ents = self.pool.data[leaf, idxs]
-                sel = ((ents & _PRESENT) != 0) & ((ents & w) != 0)
+                sel = ((ents & self._np_present) != 0) & ((ents & w) != 0)
                 if sel.any():
                     self.pool.data[leaf, idxs[sel]] = ents[sel] & ~w
                     changed.append(arr[s:e][sel])
@@ -108,7 +107,7 @@ class DirtyMixin(TdpBase):
         level = self.root_level
         while level > 1:
             spte = int(data[idx, (gfn >> (9 * (level - 1))) & 511])
-            if not spte & S.SPTE_MMU_PRESENT_MASK or spte & S.PT_PAGE_SIZE_MASK:
+            if not spte & self.mmu_present or spte & S.PT_PAGE_SIZE_MASK:
                 return None
             idx = ((spte & _ADDR) >> 12) - self._pfn_base
             level -= 1
@@ -136,7 +135,7 @@ class DirtyMixin(TdpBase):
                 base = int(self.pool.gfn[idx])
                 data = self.pool.data
                 ents = data[idx, i0:i1]
-                nl = np.flatnonzero(((ents & _PRESENT) != 0) & ((ents & _PS) == 0))
+                nl = np.flatnonzero(((ents & self._np_present) != 0) & ((ents & _PS) == 0))
                 for h in nl.tolist():
                     i = i0 + h
                     gfn = base + i * span
@@ -165,7 +164,7 @@ class DirtyMixin(TdpBase):
         """``tdp_mmu_make_huge_spte``'s search: any present leaf below ``idx``."""
         data = self.pool.data
         ents = data[idx]
-        present = np.flatnonzero((ents & _PRESENT) != 0)
+        present = np.flatnonzero((ents & self._np_present) != 0)
         if not present.size:
             return None
         level = int(self.pool.level[idx])

@@ -63,7 +63,6 @@ PFERR_GUEST_PAGE_MASK = 1 << 33
 #: ``PTE_PREFETCH_NUM``: the prefetch window (spec/kvm-mmu.md §3.9).
 PTE_PREFETCH_NUM = 8
 
-_MMU_PRESENT = S.SPTE_MMU_PRESENT_MASK
 _PS = S.PT_PAGE_SIZE_MASK
 _W = S.PT_WRITABLE_MASK
 _ADDR = S.SPTE_BASE_ADDR_MASK
@@ -301,7 +300,7 @@ class FaultMixin(TdpBase):
         while True:
             i = (gfn >> (9 * (level - 1))) & 511
             spte = int(data[idx, i])
-            if not spte & _MMU_PRESENT or level == 1 or spte & _PS:
+            if not spte & self.mmu_present or level == 1 or spte & _PS:
                 return idx, i, level, spte
             idx = ((spte & _ADDR) >> 12) - self._pfn_base
             level -= 1
@@ -312,7 +311,7 @@ class FaultMixin(TdpBase):
             return RET_PF_EMULATE
         _, _, _, spte = self._last_spte(root, gpa >> S.PAGE_SHIFT)
         if S.is_mmio_spte(self.fmt, spte):
-            if not S.check_mmio_spte(spte, self.vm.memslots.generation):
+            if not S.check_mmio_spte(spte, self.vm.memslots.generation, self.fmt.mmio_gen_layout):
                 return RET_PF_INVALID
             self._cache_mmio_info(
                 vcpu,
@@ -335,7 +334,7 @@ class FaultMixin(TdpBase):
             return RET_PF_INVALID
         idx, i, level, spte = self._last_spte(root, f.gfn)
         ret = RET_PF_INVALID
-        if spte & _MMU_PRESENT and (level == 1 or spte & _PS):
+        if spte & self.mmu_present and (level == 1 or spte & _PS):
             if S.is_access_allowed(fmt, spte, write=f.write, exec_=f.exec):
                 ret = RET_PF_SPURIOUS
             else:
@@ -379,7 +378,7 @@ class FaultMixin(TdpBase):
         if (
             level > 1
             and level == f.goal_level
-            and spte & _MMU_PRESENT
+            and spte & self.mmu_present
             and not spte & _PS
             and self.pool.nx_disallowed[((spte & _ADDR) >> 12) - self._pfn_base]
         ):
@@ -407,11 +406,11 @@ class FaultMixin(TdpBase):
                     # direct_map: prefetch after anything but SPURIOUS.
                     self.direct_pte_prefetch(f, idx, i)
                 return r
-            if spte & _MMU_PRESENT and not spte & _PS:
+            if spte & self.mmu_present and not spte & _PS:
                 idx = ((spte & _ADDR) >> 12) - self._pfn_base
                 level -= 1
                 continue
-            if spte & _MMU_PRESENT:
+            if spte & self.mmu_present:
                 child = self.split_huge_page(idx, i, level, spte, f.huge_page_disallowed)
             else:
                 child = self.link_sp(idx, i, level - 1, gfn & ~(S.KVM_PAGES_PER_HPAGE(level) - 1))
@@ -427,7 +426,7 @@ class FaultMixin(TdpBase):
         """``tdp_mmu_map_handle_target_level`` (tdp_mmu.c; spec/kvm-mmu.md §3.14)."""
         fmt = self.fmt
         vm = self.vm
-        old_present = bool(old & _MMU_PRESENT)
+        old_present = bool(old & self.mmu_present)
         old_last = level == 1 or bool(old & _PS)
         if f.prefetch and old_present:
             return RET_PF_SPURIOUS
@@ -493,7 +492,7 @@ class FaultMixin(TdpBase):
         start = fault_i & ~(PTE_PREFETCH_NUM - 1)
         run: list[int] = []
         for i in range(start, start + PTE_PREFETCH_NUM):
-            if i == fault_i or int(data[idx, i]) & _MMU_PRESENT:
+            if i == fault_i or int(data[idx, i]) & self.mmu_present:
                 if run:
                     if not self._prefetch_many(f, idx, run):
                         return

@@ -9,7 +9,9 @@ Each violated rule becomes one message naming the rule and its source:
   (kvm-mmu-2.md §5.1; a huge SPTE that existed before the count went up
   stays, write-protected, exactly as in KVM);
 * no table of an invalid (obsolete) root reachable from a vCPU's root (§3.14);
-* W ⇒ MMU-writable ⇒ host-writable (spte.h, §4.4).
+* W ⇒ MMU-writable ⇒ host-writable (spte.h, §4.4);
+* no shadow-present leaf has a bit of the format's ``rsvd_mask`` set (bit 11
+  with the MMU-present bit high: VT-d reserves it; spec/consumers.md T6).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from kvmmu.mmu.tdp import TdpBase
 
 __all__ = ["InvariantsMixin"]
 
-_PRESENT = np.uint64(S.SPTE_MMU_PRESENT_MASK)
 _PS = np.uint64(S.PT_PAGE_SIZE_MASK)
 _W = np.uint64(S.PT_WRITABLE_MASK)
 _MAX_MSGS = 20
@@ -35,7 +36,7 @@ class InvariantsMixin(TdpBase):
         for root in self.valid_roots(as_id):
             for idx, level, i0, i1 in self.walk_tables(root.idx, 0, 1 << 62):
                 ents = self.pool.data[idx, i0:i1]
-                sel = (ents & _PRESENT) != 0
+                sel = (ents & self._np_present) != 0
                 if level > 1:
                     sel &= (ents & _PS) != 0
                 hit = np.flatnonzero(sel)
@@ -53,6 +54,7 @@ class InvariantsMixin(TdpBase):
         host = vm.host
         mw = np.uint64(fmt.mmu_writable_mask)
         hw = np.uint64(fmt.host_writable_mask)
+        rsvd = np.uint64(fmt.rsvd_mask)
         for root in self.valid_roots():
             for _idx, level, gfns, sptes in self.leaves(root.as_id):
                 if len(msgs) >= _MAX_MSGS:
@@ -64,6 +66,13 @@ class InvariantsMixin(TdpBase):
                         f"spte.h W=>MMU-writable: gfn {int(gfns[bad][0]):#x} "
                         "is W without MMU-writable"
                     )
+                if rsvd:
+                    bad = (sptes & rsvd) != 0
+                    if bad.any():
+                        msgs.append(
+                            f"T6 reserved bit {int(rsvd):#x} set in the SPTE of gfn "
+                            f"{int(gfns[bad][0]):#x}"
+                        )
                 bad = ((sptes & mw) != 0) & ((sptes & hw) == 0)
                 if bad.any():
                     msgs.append(f"spte.h MMU-writable=>host-writable: gfn {int(gfns[bad][0]):#x}")

@@ -27,7 +27,7 @@ from kvmmu.mmu.fault import (
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
 )
-from kvmmu.mmu.tdp import TdpBase
+from kvmmu.mmu.tdp import TdpBase, hull_union
 from kvmmu.quirks import KVM_X86_QUIRK_SLOT_ZAP_ALL
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["OpsMixin"]
 
-_MMU_PRESENT = S.SPTE_MMU_PRESENT_MASK
 _PS = S.PT_PAGE_SIZE_MASK
 _ADDR = S.SPTE_BASE_ADDR_MASK
 
@@ -62,31 +61,48 @@ class OpsMixin(TdpBase):
     def zap_all_fast(self) -> None:
         """``kvm_mmu_zap_all_fast`` (spec/kvm-mmu.md §3.14).
 
-        Toggle ``mmu_valid_gen``, mark every root invalid (vCPUs reload on
-        their next entry), call the ``zap_all_fast`` hook (roots invalid, not
-        yet freed), then free the invalid roots' tables
-        (``kvm_tdp_mmu_zap_invalidated_roots``) with one flush of the whole
-        gfn space if any leaf was present.
+        Toggle ``mmu_valid_gen``; ``kvm_tdp_mmu_invalidate_all_roots`` marks
+        every root invalid *except exported ones* (vCPUs reload on their next
+        entry). Still under the lock, every leaf of each exported root is
+        zapped synchronously, with a ranged flush if anything was zapped
+        (RFC "Sharing KVM TDP to IOMMU" patch 36: an external user holds the
+        root, so it is kept "active"; spec/consumers.md T4 [TDP-36]). Then
+        the ``zap_all_fast`` hook (roots invalid, not yet freed), then
+        ``kvm_tdp_mmu_zap_invalidated_roots`` frees the invalid roots' tables
+        with one flush of the whole gfn space if any leaf was present.
         """
         self.mmu_valid_gen ^= 1
-        invalid = [r for r in self.roots if not r.invalid]
+        invalid = [r for r in self.roots if not r.invalid and not r.exported]
         for root in invalid:
             root.invalid = True
-        self._active.clear()
+        for as_id in [a for a, r in self._active.items() if r.invalid]:
+            del self._active[as_id]
         self.vm.stats["mmu_zap_all_fast"] += 1
+        self._zap_exported_roots_leafs()
         self.vm.hooks.zap_all_fast(self.mmu_valid_gen)
         had_leaf = False
         for root in invalid:
-            had_leaf = had_leaf or self._has_present_leaf(root.idx)
+            had_leaf = had_leaf or self.has_present_leaf(root.idx)
             self.free_subtree(root.idx)
         self.roots = [r for r in self.roots if not r.invalid]
         if had_leaf:
             self.vm.hooks.flush_remote_tlbs_range(0, self.max_gfn + 1)
 
-    def _has_present_leaf(self, root_idx: int) -> bool:
+    def _zap_exported_roots_leafs(self) -> None:
+        """T4 [TDP-36]: zap ALL leaf SPTEs of every exported root; flush the hull."""
+        hull: tuple[int, int] | None = None
+        for root in self.roots:
+            if root.exported and not root.invalid:
+                hull = hull_union(hull, self.zap_root_leafs(root, 0, self.max_gfn + 1))
+        if hull is not None:
+            self.vm.stats["tdp_exported_root_leaf_zaps"] += 1
+            self.flush_range(hull)
+
+    def has_present_leaf(self, root_idx: int) -> bool:
+        """Whether any leaf SPTE below the root table ``root_idx`` is present."""
         for idx, level, i0, i1 in self.walk_tables(root_idx, 0, 1 << 62):
             ents = self.pool.data[idx, i0:i1]
-            present = (ents & np.uint64(_MMU_PRESENT)) != 0
+            present = (ents & self._np_present) != 0
             if level > 1:
                 present &= (ents & np.uint64(_PS)) != 0
             if present.any():
@@ -188,7 +204,7 @@ class OpsMixin(TdpBase):
         level = self.root_level
         while True:
             spte = int(data[idx, (gfn >> (9 * (level - 1))) & 511])
-            if level == 1 or spte & _PS or not spte & _MMU_PRESENT:
+            if level == 1 or spte & _PS or not spte & self.mmu_present:
                 if self._hw_present(spte):
                     return spte, level
                 return None
@@ -261,7 +277,7 @@ class OpsMixin(TdpBase):
         while True:
             i = (gfn >> (9 * (level - 1))) & 511
             spte = int(data[idx, i])
-            if not spte & _MMU_PRESENT:
+            if not spte & self.mmu_present:
                 return
             if level == 1 or spte & _PS:
                 new = spte | self.fmt.accessed_mask

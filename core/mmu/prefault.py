@@ -41,7 +41,6 @@ __all__ = ["MAX_PREFAULT_RETRIES", "PrefaultMixin"]
 #: an invalidation that is in progress).
 MAX_PREFAULT_RETRIES = 64
 
-_PRESENT = np.uint64(S.SPTE_MMU_PRESENT_MASK)
 _PS = np.uint64(S.PT_PAGE_SIZE_MASK)
 _ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
 _OFFS = np.arange(512, dtype=np.uint64)
@@ -92,7 +91,7 @@ class PrefaultMixin(FaultMixin):
         if r not in (RET_PF_FIXED, RET_PF_SPURIOUS):
             raise KvmError(errno.EIO, f"pre_fault_memory: unexpected RET_PF {r}")
         hit = self._last_spte(self.get_root(0), gpa >> S.PAGE_SHIFT)
-        level = hit[2] if hit[3] & S.SPTE_MMU_PRESENT_MASK else 1
+        level = hit[2] if hit[3] & self.mmu_present else 1
         span = S.KVM_PAGES_PER_HPAGE(level) << S.PAGE_SHIFT
         end = (gpa & ~(span - 1)) + span
         return min(size, end - gpa)
@@ -138,7 +137,7 @@ class PrefaultMixin(FaultMixin):
         while level > 2:
             i = (gfn >> (9 * (level - 1))) & 511
             spte = int(self.pool.data[idx, i])
-            if spte & S.SPTE_MMU_PRESENT_MASK:
+            if spte & self.mmu_present:
                 if spte & S.PT_PAGE_SIZE_MASK:
                     return None
                 idx = ((spte & S.SPTE_BASE_ADDR_MASK) >> 12) - self._pfn_base
@@ -233,7 +232,7 @@ class PrefaultMixin(FaultMixin):
         pool = self.pool
         i0 = (gfn >> 9) & 511
         ents = pool.data[pd, i0 : i0 + len(plan)].copy()
-        present = (ents & _PRESENT) != 0
+        present = (ents & self._np_present) != 0
         huge = present & ((ents & _PS) != 0)
         fixed = spurious = 0
         handled = 0
@@ -279,7 +278,7 @@ class PrefaultMixin(FaultMixin):
         for f in fill_existing:
             child = ((int(ents[f]) & S.SPTE_BASE_ADDR_MASK) >> 12) - self._pfn_base
             row = pool.data[child]
-            empty = (row & _PRESENT) == 0
+            empty = (row & self._np_present) == 0
             vals = self._leaf_values(slot, gfn + (f << 9), plan[f])
             row[empty] = vals[empty]
             n = int(empty.sum())

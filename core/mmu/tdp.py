@@ -21,9 +21,8 @@ if TYPE_CHECKING:
     from kvmmu.memslot import Memslot
     from kvmmu.spte import SpteFormat
 
-__all__ = ["Root", "TdpBase"]
+__all__ = ["Root", "TdpBase", "hull_union"]
 
-_PRESENT = np.uint64(S.SPTE_MMU_PRESENT_MASK)
 _PS = np.uint64(S.PT_PAGE_SIZE_MASK)
 _ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
 _ZERO = np.uint64(0)
@@ -33,17 +32,23 @@ class Root:
     """A TDP MMU root (``struct kvm_mmu_page`` with ``role.level`` = root level).
 
     ``invalid`` is ``role.invalid``; ``idx`` the pool row of the root table.
+    ``exported_refs`` counts the references external users (a KVM TDP FD,
+    spec/consumers.md T2 [TDP-35]) hold; ``exported`` is ``sp->exported``.
+    vCPU references are the model's ``_vcpu_roots``.
     """
 
-    __slots__ = ("as_id", "idx", "invalid")
+    __slots__ = ("as_id", "exported", "exported_refs", "idx", "invalid")
 
     def __init__(self, idx: int, as_id: int) -> None:
         self.idx = idx
         self.as_id = as_id
         self.invalid = False
+        self.exported = False
+        self.exported_refs = 0
 
     def __repr__(self) -> str:
-        return f"Root(idx={self.idx}, as_id={self.as_id}, invalid={self.invalid})"
+        ex = f", exported={self.exported_refs}" if self.exported else ""
+        return f"Root(idx={self.idx}, as_id={self.as_id}, invalid={self.invalid}{ex})"
 
 
 class TdpBase:
@@ -53,6 +58,10 @@ class TdpBase:
         self.vm = vm
         fmt: SpteFormat = vm.spte_format
         self.fmt = fmt
+        #: ``SPTE_MMU_PRESENT_MASK`` of this format (bit 11, or 59 with the T6
+        #: move; spec/consumers.md T6), as int and as numpy scalar.
+        self.mmu_present = int(fmt.mmu_present_mask)
+        self._np_present = np.uint64(self.mmu_present)
         cfg = vm.config
         self.host_maxphyaddr = int(getattr(cfg, "host_maxphyaddr", 46))
         self.pool = SptePool(pool_base_for(self.host_maxphyaddr))
@@ -116,6 +125,53 @@ class TdpBase:
             roots[as_id] = root
         return root
 
+    def get_exported_root(self, as_id: int = 0) -> int:
+        """``kvm_tdp_mmu_get_exported_root`` (RFC "Sharing KVM TDP to IOMMU";
+        spec/consumers.md T2 [TDP-35]): find the valid root of ``as_id`` and
+        take a reference, or create it; mark it ``exported``. Returns its hpa.
+
+        vCPUs in that mode keep loading the same root; ``zap_all_fast`` never
+        invalidates it (T4).
+        """
+        root = self.get_root(as_id)
+        root.exported = True
+        root.exported_refs += 1
+        self.vm.stats["tdp_exported_root_get"] += 1
+        return self.pool.hpa(root.idx)
+
+    def put_exported_root(self, hpa: int) -> None:
+        """``kvm_tdp_mmu_put_exported_root`` (T2 put [TDP-35]).
+
+        Drop one exported reference; on the last one clear ``exported``, zap
+        the root's leaves (one ranged flush if anything was zapped) and, if
+        no vCPU uses it as its root, free it (its refcount drops to zero:
+        ``kvm_tdp_mmu_put_root``). A vCPU that still holds it keeps it.
+        """
+        root = next((r for r in self.roots if self.pool.hpa(r.idx) == hpa), None)
+        if root is None or not root.exported:
+            raise ValueError(f"put_exported_root: {hpa:#x} is not an exported root")
+        root.exported_refs -= 1
+        self.vm.stats["tdp_exported_root_put"] += 1
+        if root.exported_refs:
+            return
+        root.exported = False
+        self.flush_range(self.zap_root_leafs(root, 0, self.max_gfn + 1))
+        if self._vcpu_holds(root):
+            return
+        # No vCPU reference: the root's refcount reaches zero and it is freed.
+        root.invalid = True
+        if self._active.get(root.as_id) is root:
+            del self._active[root.as_id]
+        self.free_subtree(root.idx)
+        self.roots.remove(root)
+
+    def _vcpu_holds(self, root: Root) -> bool:
+        return any(r is root for _, roots in self._vcpu_roots.values() for r in roots.values())
+
+    def exported_roots(self) -> list[Root]:
+        """Roots currently exported (``sp->exported``)."""
+        return [r for r in self.roots if r.exported]
+
     def root_hpa(self, as_id: int = 0) -> int:
         """Host physical address of the current root of ``as_id`` (IOMMU sharing)."""
         return self.pool.hpa(self.get_root(as_id).idx)
@@ -175,7 +231,7 @@ class TdpBase:
             t = stack.pop()
             if int(self.pool.level[t]) > 1:
                 ents = data[t]
-                nl = np.flatnonzero(((ents & _PRESENT) != _ZERO) & ((ents & _PS) == _ZERO))
+                nl = np.flatnonzero(((ents & self._np_present) != _ZERO) & ((ents & _PS) == _ZERO))
                 if nl.size:
                     kids = ((ents[nl] & _ADDR) >> np.uint64(12)).astype(np.int64) - self._pfn_base
                     stack.extend(kids.tolist())
@@ -205,7 +261,7 @@ class TdpBase:
             yield idx, level, i0, i1
             if level > min_level:
                 ents = pool.data[idx, i0:i1]
-                nl = np.flatnonzero(((ents & _PRESENT) != _ZERO) & ((ents & _PS) == _ZERO))
+                nl = np.flatnonzero(((ents & self._np_present) != _ZERO) & ((ents & _PS) == _ZERO))
                 if nl.size:
                     kids = ((ents[nl] & _ADDR) >> np.uint64(12)).astype(np.int64) - self._pfn_base
                     stack.extend(reversed(kids.tolist()))
@@ -222,24 +278,31 @@ class TdpBase:
         (only ``zap_all_fast`` frees them). Returns the hull ``(lo, hi)`` of
         the gfns whose SPTEs changed, or None.
         """
+        hull: tuple[int, int] | None = None
+        for root in self.roots_for(as_id):
+            hull = hull_union(hull, self.zap_root_leafs(root, start, end))
+        return hull
+
+    def zap_root_leafs(self, root: Root, start: int, end: int) -> tuple[int, int] | None:
+        """``tdp_mmu_zap_leafs`` on one root; returns the changed hull or None."""
         lo, hi = -1, -1
         data = self.pool.data
-        for root in self.roots_for(as_id):
-            for idx, level, i0, i1 in self.walk_tables(root.idx, start, end):
-                ents = data[idx, i0:i1]
-                present = (ents & _PRESENT) != _ZERO
-                if level > 1:
-                    present &= (ents & _PS) != _ZERO
-                hit = np.flatnonzero(present)
-                if not hit.size:
-                    continue
-                ents[hit] = _ZERO
-                span = S.KVM_PAGES_PER_HPAGE(level)
-                base = int(self.pool.gfn[idx]) + i0 * span
-                a = base + int(hit[0]) * span
-                b = base + (int(hit[-1]) + 1) * span
-                lo = a if lo < 0 else min(lo, a)
-                hi = max(hi, b)
+        present_mask = self._np_present
+        for idx, level, i0, i1 in self.walk_tables(root.idx, start, end):
+            ents = data[idx, i0:i1]
+            present = (ents & present_mask) != _ZERO
+            if level > 1:
+                present &= (ents & _PS) != _ZERO
+            hit = np.flatnonzero(present)
+            if not hit.size:
+                continue
+            ents[hit] = _ZERO
+            span = S.KVM_PAGES_PER_HPAGE(level)
+            base = int(self.pool.gfn[idx]) + i0 * span
+            a = base + int(hit[0]) * span
+            b = base + (int(hit[-1]) + 1) * span
+            lo = a if lo < 0 else min(lo, a)
+            hi = max(hi, b)
         return None if lo < 0 else (lo, hi)
 
     def clear_bits_range(
@@ -255,7 +318,7 @@ class TdpBase:
                 if level < min_level:
                     continue
                 ents = data[idx, i0:i1]
-                sel = ((ents & _PRESENT) != _ZERO) & ((ents & mask) != _ZERO)
+                sel = ((ents & self._np_present) != _ZERO) & ((ents & mask) != _ZERO)
                 if level > 1:
                     sel &= (ents & _PS) != _ZERO
                 hit = np.flatnonzero(sel)
@@ -286,7 +349,7 @@ class TdpBase:
                 if level <= target_level:
                     continue
                 ents = data[idx, i0:i1]
-                hit = np.flatnonzero(((ents & _PRESENT) != _ZERO) & ((ents & _PS) != _ZERO))
+                hit = np.flatnonzero(((ents & self._np_present) != _ZERO) & ((ents & _PS) != _ZERO))
                 for h in hit.tolist():
                     i = i0 + h
                     self.split_huge_page(idx, i, level, int(data[idx, i]), False)
@@ -326,3 +389,12 @@ class TdpBase:
             return level
         host_level = self.vm.host.host_mapping_level(slot.gfn_to_hva(gfn))
         return min(host_level, level)
+
+
+def hull_union(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The smallest ``[lo, hi)`` covering both hulls (None = empty)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a[0], b[0]), max(a[1], b[1])

@@ -45,23 +45,26 @@ class Workload:
                 raise ValueError(f"bad workload step {s!r}; allowed: {sorted(known)}")
 
 
-def _present_high_supported() -> bool:
-    from kvmmu.spte import SpteFormat
-
-    return "mmu_present_mask" in getattr(SpteFormat, "__dataclass_fields__", {})
-
-
 def make_vm(mode: str, guest_pages: int, **iommu: Any) -> Any:
     """A one-vCPU VMX/EPT VM with ``guest_pages`` of RAM and the iommu plugin.
 
-    While the core has no ``SpteFormat.mmu_present_mask`` (T6 not modelled),
-    the IOMMU is configured not to reserve bit 11 so that sharing can be
-    shown at all (see docs/iommu.md).
+    The real configuration: VT-d reserves bit 11 and KVM is built with
+    ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH`` (``[plugins.vmx] mmu_present_high``;
+    spec/consumers.md T6). ``iommu`` overrides ``[plugins.iommu]`` keys.
     """
     import kvmmu
 
-    conf = {"mode": mode, "vtd_bit11_reserved": _present_high_supported(), **iommu}
-    vm = kvmmu.VM({"vcpus": 1, "plugins": {"enabled": ["iommu"], "iommu": conf}})
+    conf = {"mode": mode, "vtd_bit11_reserved": True, **iommu}
+    vm = kvmmu.VM(
+        {
+            "vcpus": 1,
+            "plugins": {
+                "enabled": ["iommu"],
+                "iommu": conf,
+                "vmx": {"mmu_present_high": True},
+            },
+        }
+    )
     size = guest_pages << PAGE_SHIFT
     vm.host.mmap_anon(GUEST_HVA, size)
     vm.set_user_memory_region(0, 0, 0, size, GUEST_HVA)

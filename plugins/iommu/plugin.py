@@ -1,10 +1,11 @@
 """The ``iommu`` consumer plugin: IOMMUFD, pinned or shared-TDP mode.
 
 Hooks (spec/consumers.md §2): every TDP flush invalidates the IOTLB of the
-KVM HWPTs for exactly that range (T5); fast zap keeps the exported root and
-zaps its leaves (T4); non-coherent DMA is refused at export and flagged
-after it (T7); invariants: the IOTLB never outlives a zap, and a pinned
-page is never reclaimed while mapped.
+KVM HWPTs for exactly that range (T5); after a fast zap it checks that the
+MMU kept the exported root valid and zapped its leaves (T4; the MMU does the
+work, ``TdpMmu.zap_all_fast``); non-coherent DMA is refused at export and
+flagged after it (T7); invariants: the IOTLB never outlives a zap, and a
+pinned page is never reclaimed while mapped.
 """
 
 from __future__ import annotations
@@ -59,55 +60,10 @@ class IommuConfig(BaseModel):
     )
     vtd_bit11_reserved: bool = Field(
         True,
-        description="VT-d reserves bit 11 in second-level entries (T6); false is a what-if "
-        "IOMMU that ignores it, so a core without the SPTE_MMU_PRESENT move can share",
+        description="VT-d reserves bit 11 in second-level entries (T6): sharing then needs "
+        "the MMU-present bit high ([plugins.vmx] mmu_present_high); false is a what-if "
+        "IOMMU that ignores bit 11",
     )
-
-
-class _ExportedRootShim:
-    """Keeps exported roots out of ``kvm_tdp_mmu_invalidate_all_roots`` (T4).
-
-    Used only while ``vm.mmu`` has no ``get_exported_root`` of its own: it
-    wraps the MMU's ``zap_all_fast`` so an exported root is neither marked
-    invalid nor freed, and stays the active root of its address space
-    (spec/consumers.md T4 [TDP-36]). The plugin's ``kvmmu_zap_all_fast``
-    hook zaps its leaves. The core change that makes this shim unnecessary
-    is described in docs/iommu.md.
-    """
-
-    def __init__(self, mmu: Any) -> None:
-        self.mmu = mmu
-        self.exported: list[Any] = []  # Root objects
-        self.hidden: list[Any] = []
-        self._orig = mmu.zap_all_fast
-        mmu.zap_all_fast = self.zap_all_fast
-
-    def export(self, as_id: int) -> int:
-        root = self.mmu.get_root(as_id)
-        if root not in self.exported:
-            self.exported.append(root)
-        return int(self.mmu.pool.hpa(root.idx))
-
-    def unexport(self, hpa: int) -> None:
-        self.exported = [r for r in self.exported if int(self.mmu.pool.hpa(r.idx)) != hpa]
-
-    def zap_all_fast(self) -> None:
-        mmu = self.mmu
-        self.hidden = [r for r in self.exported if r in mmu.roots and not r.invalid]
-        for r in self.hidden:
-            mmu.roots.remove(r)
-        try:
-            self._orig()
-        finally:
-            for r in self.hidden:
-                if r not in mmu.roots:
-                    mmu.roots.append(r)
-                mmu._active[r.as_id] = r
-            self.hidden = []
-
-    def detach(self) -> None:
-        if self.mmu.zap_all_fast == self.zap_all_fast:
-            self.mmu.zap_all_fast = self._orig
 
 
 class IommuPlugin:
@@ -126,11 +82,10 @@ class IommuPlugin:
         self.default_ioas: int | None = None
         self.default_hwpt: int | None = None
         self.violations: list[str] = []
-        self._shim: _ExportedRootShim | None = None
         self.stats = {
             "flush_range_calls": 0,
             "flush_gfns_calls": 0,
-            "t4_leaf_zaps": 0,
+            "t4_fast_zaps": 0,
             "memslot_maps": 0,
             "memslot_unmaps": 0,
         }
@@ -143,17 +98,12 @@ class IommuPlugin:
     # ------------------------------------------------------------ KVM TDP FD
     def create_tdp_fd(self, as_id: int = 0, mode: int = 0) -> KvmTdpFd:
         """``KVM_CREATE_TDP_FD`` (T1 preconditions, T2 exported root)."""
-        mmu = self.vm.mmu if self.vm.config.tdp else None
-        native = mmu is not None and hasattr(mmu, "get_exported_root")
-        if mmu is not None and not native and self._shim is None:
-            self._shim = _ExportedRootShim(mmu)
         fd = KvmTdpFd(
             self.vm,
             as_id,
             mode,
             require_mmu_present_high=self.config.vtd_bit11_reserved,
             max_retries=self.config.iopf_max_retries,
-            exporter=None if native or self._shim is None else self._shim,
         )
         self.tdp_fds.append(fd)
         return fd
@@ -270,38 +220,39 @@ class IommuPlugin:
 
     @hookimpl
     def kvmmu_zap_all_fast(self, new_valid_gen: int) -> None:
-        """T4 [TDP-36]: exported roots stay valid; zap all their leaves now.
+        """T4 [TDP-36], the IOMMU's side: the installed root must still be valid.
 
-        Called after every other root was marked invalid, so the only valid
-        roots are the exported ones: ``zap_leafs`` over the whole gfn space
-        touches exactly them, and the flush that follows (only if something
-        was zapped) reaches the IOTLB through T5.
+        The MMU skipped the exported root when it invalidated the others and
+        has already zapped its leaves (flushing the IOTLB through T5); here
+        the plugin only counts the event and records a violation if the root
+        it installed was invalidated or still has a present leaf.
         """
         live = [fd for fd in self.tdp_fds if not fd.released]
         if not live:
             return
+        self.stats["t4_fast_zaps"] += 1
         mmu = self.vm.mmu
-        shim = self._shim
-        hidden = list(shim.hidden) if shim is not None else []
-        for r in hidden:
-            mmu.roots.append(r)
-        try:
-            for fd in live:
-                if not self._root_valid(fd):
-                    self.violations.append(
-                        f"iommu: T4 exported root {fd.root_hpa:#x} was invalidated by fast zap"
-                    )
-            hull = mmu.zap_leafs(0, int(mmu.max_gfn) + 1, 0)
-        finally:
-            for r in hidden:
-                mmu.roots.remove(r)
-        if hull is not None:
-            self.stats["t4_leaf_zaps"] += 1
-            mmu.flush_range(hull)
+        for fd in live:
+            root = self._root_of(fd)
+            if root is None:
+                self.violations.append(
+                    f"iommu: T4 exported root {fd.root_hpa:#x} was invalidated by fast zap"
+                )
+            elif mmu.has_present_leaf(root.idx):
+                self.violations.append(
+                    f"iommu: T4 exported root {fd.root_hpa:#x} kept a leaf across fast zap"
+                )
+
+    def _root_of(self, fd: KvmTdpFd) -> Any:
+        """The MMU's valid root whose hpa is ``fd.root_hpa``, or None."""
+        mmu = self.vm.mmu
+        for r in mmu.roots:
+            if not r.invalid and int(mmu.pool.hpa(r.idx)) == fd.root_hpa:
+                return r
+        return None
 
     def _root_valid(self, fd: KvmTdpFd) -> bool:
-        mmu = self.vm.mmu
-        return any(not r.invalid and int(mmu.pool.hpa(r.idx)) == fd.root_hpa for r in mmu.roots)
+        return self._root_of(fd) is not None
 
     @hookimpl
     def kvmmu_noncoherent_dma_changed(self, old_count: int, new_count: int) -> None:
@@ -345,8 +296,6 @@ class IommuPlugin:
         for fd in self.tdp_fds:
             if not fd.released:
                 fd.close()
-        if self._shim is not None:
-            self._shim.detach()
 
     @hookimpl
     def kvmmu_check_invariants(self) -> list[str]:

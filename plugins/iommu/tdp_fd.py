@@ -13,21 +13,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmmu.errors import KvmError
-from kvmmu.spte import SPTE_MMU_PRESENT_MASK
+from kvmmu.spte import SPTE_MMU_PRESENT_HIGH_MASK
 
 if TYPE_CHECKING:
     from kvmmu.vm import VM
 
 __all__ = [
-    "SPTE_MMU_PRESENT_HIGH_MASK",
+    "SPTE_MMU_PRESENT_HIGH_MASK",  # re-exported from kvmmu.spte
     "KvmTdpFd",
     "fault_type_to_error_code",
     "mmu_present_mask",
 ]
 
 PAGE_SHIFT = 12
-#: Where T6 moves ``SPTE_MMU_PRESENT_MASK`` with ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH`` ([TDP-24]).
-SPTE_MMU_PRESENT_HIGH_MASK = 1 << 59
 
 # arch/x86/include/asm/kvm_host.h PFERR_*_MASK (imported lazily: kvmmu.paging)
 _PFERR_PRESENT = 1 << 0
@@ -71,12 +69,12 @@ def fault_type_to_error_code(*, read: bool, write: bool, exec: bool) -> int:
 
 
 def mmu_present_mask(vm: VM) -> int:
-    """The VM's ``SPTE_MMU_PRESENT_MASK``: the format's, else the core's bit 11.
+    """The VM's ``SPTE_MMU_PRESENT_MASK`` (``SpteFormat.mmu_present_mask``).
 
-    With ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH`` the bit is 59 (T6, [TDP-24]);
-    the core exposes that as ``SpteFormat.mmu_present_mask`` when it models it.
+    Bit 11, or bit 59 with ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH`` (T6, [TDP-24];
+    ``[plugins.vmx] mmu_present_high``).
     """
-    return int(getattr(vm.spte_format, "mmu_present_mask", SPTE_MMU_PRESENT_MASK))
+    return int(vm.spte_format.mmu_present_mask)
 
 
 def _ret_pf() -> tuple[int, int]:
@@ -106,10 +104,8 @@ class KvmTdpFd:
         *,
         require_mmu_present_high: bool = True,
         max_retries: int = 64,
-        exporter: Any = None,
     ) -> None:
         self.vm = vm
-        self._exporter = exporter
         self._check_allowed(as_id, mode, require_mmu_present_high)
         self.as_id = as_id
         self.max_retries = max_retries
@@ -157,16 +153,10 @@ class KvmTdpFd:
     def _get_exported_root(self) -> int:
         """``kvm_tdp_mmu_get_exported_root``: find-and-ref or create the root, mark it.
 
-        Uses ``vm.mmu.get_exported_root(as_id)`` when the MMU models exported
-        roots, else ``exporter.export(as_id)`` (the plugin's shim).
+        ``TdpMmu.get_exported_root`` (spec/consumers.md T2 [TDP-35]).
         """
         mmu: Any = self.vm.mmu
-        get = getattr(mmu, "get_exported_root", None)
-        if get is not None:
-            return int(get(self.as_id))
-        if self._exporter is not None:
-            return int(self._exporter.export(self.as_id))
-        return int(mmu.root_hpa(self.as_id))
+        return int(mmu.get_exported_root(self.as_id))
 
     def get(self) -> None:
         """An importer takes a reference on the FD (flow step 2, [TDP-00])."""
@@ -194,13 +184,7 @@ class KvmTdpFd:
         self.refs = 0
         self.importers.clear()
         mmu: Any = self.vm.mmu
-        put = getattr(mmu, "put_exported_root", None)
-        if put is not None:
-            put(self.root_hpa)
-        elif self._exporter is not None:
-            # clear ``exported``, zap the root's leaves; vCPUs keep their ref
-            self._exporter.unexport(self.root_hpa)
-            mmu.zap_gfn_range(0, int(mmu.max_gfn) + 1)
+        mmu.put_exported_root(self.root_hpa)
 
     # T5 -------------------------------------------------------------------
     def register_importer(self, cb: Callable[[int, int], None]) -> None:

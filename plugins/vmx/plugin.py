@@ -28,7 +28,13 @@ from kvmmu.quirks import (
     KVM_X86_QUIRK_IGNORE_GUEST_PAT,
     supported_quirks,
 )
-from kvmmu.spte import SpteFormat
+from kvmmu.spte import (
+    MMIO_SPTE_GEN_LAYOUT,
+    MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH,
+    SPTE_MMU_PRESENT_HIGH_MASK,
+    SPTE_MMU_PRESENT_MASK,
+    SpteFormat,
+)
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["VMX_EPT_SUPPRESS_VE_BIT", "VmxConfig", "VmxPlugin", "ept_spte_format"]
@@ -50,6 +56,11 @@ class VmxConfig(BaseModel):
     ept_5level: bool = False
     #: The CPU supports execute-only EPT entries (``cpu_has_vmx_ept_execute_only``).
     ept_exec_only: bool = True
+    #: ``CONFIG_HAVE_KVM_MMU_PRESENT_HIGH`` (RFC "Sharing KVM TDP to IOMMU",
+    #: spec/consumers.md T6 [TDP-24]): ``SPTE_MMU_PRESENT_MASK`` at bit 59,
+    #: bit 11 reserved in shadow-present SPTEs, and the MMIO generation split
+    #: 3-11 / 52-58 / 60-62. Needed to share the EPT with VT-d.
+    mmu_present_high: bool = False
 
 
 def ept_spte_format(vm: MemtypeVM, config: VmxConfig) -> SpteFormat:
@@ -64,9 +75,12 @@ def ept_spte_format(vm: MemtypeVM, config: VmxConfig) -> SpteFormat:
     preparation; the exact release is from memory, spec says "recent").
     The A/D masks are kept even without A/D bits (newer kernels set them
     unconditionally); ``ad_enabled`` tells the MMU whether to use them.
+    ``mmu_present_high`` moves the MMU-present bit to 59, reserves bit 11 and
+    uses the three-piece MMIO generation (spec/consumers.md T6 [TDP-24]).
     """
     era = vm.era
     sve = VMX_EPT_SUPPRESS_VE_BIT if era >= (6, 10) else 0
+    high = config.mmu_present_high
     return SpteFormat(
         name="ept",
         present_mask=(0 if config.ept_exec_only else _R) | sve,
@@ -84,6 +98,9 @@ def ept_spte_format(vm: MemtypeVM, config: VmxConfig) -> SpteFormat:
         memtype_mask=0x78 if (6, 0) <= era < (6, 16) else 0,
         ad_enabled=config.ept_ad,
         root_level=5 if config.ept_5level else 4,
+        mmu_present_mask=SPTE_MMU_PRESENT_HIGH_MASK if high else SPTE_MMU_PRESENT_MASK,
+        mmio_gen_layout=MMIO_SPTE_GEN_LAYOUT_PRESENT_HIGH if high else MMIO_SPTE_GEN_LAYOUT,
+        rsvd_mask=SPTE_MMU_PRESENT_MASK if high else 0,
     )
 
 
