@@ -20,6 +20,8 @@ __all__ = [
     "ept_memtype",
     "mt_value",
     "vmx_get_mt_mask",
+    "vmx_get_mt_mask_row",
+    "vmx_mt_mask_row",
 ]
 
 #: ``VMX_EPT_MT_EPTE_SHIFT``, ``VMX_EPT_MT_MASK`` and ``VMX_EPT_IPAT_BIT``
@@ -69,7 +71,36 @@ def vmx_get_mt_mask(
 
     ``guest_mtrr_type`` is called only when the era consults guest MTRRs.
     """
-    row = era_of(era, VMX_MT_MASK_ERAS)
+    return vmx_get_mt_mask_row(
+        vmx_mt_mask_row(era),
+        is_mmio=is_mmio,
+        noncoherent_dma=noncoherent_dma,
+        guest_cd=guest_cd,
+        cd_nw_cleared=cd_nw_cleared,
+        ignore_guest_pat=ignore_guest_pat,
+        self_snoop=self_snoop,
+        guest_mtrr_type=guest_mtrr_type,
+    )
+
+
+def vmx_mt_mask_row(era: str | KernelVersion) -> str:
+    """The row of spec/memtype.md §7 that ``era`` falls in (its first version)."""
+    return era_of(era, VMX_MT_MASK_ERAS)
+
+
+def vmx_get_mt_mask_row(
+    row: str,
+    *,
+    is_mmio: bool,
+    noncoherent_dma: bool,
+    guest_cd: bool,
+    cd_nw_cleared: bool,
+    ignore_guest_pat: bool,
+    self_snoop: bool,
+    guest_mtrr_type: Callable[[], MemType],
+) -> int:
+    """:func:`vmx_get_mt_mask` for an era already resolved to its ``row``
+    (:func:`vmx_mt_mask_row`); the VMX plugin resolves it once per VM."""
     if is_mmio:
         return mt_value(MemType.UC, False)
     if row == "6.16":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmmu.era import era_of
 from kvmmu.hookspecs import hookimpl
 from kvmmu.memtype import (
     CR0_CD,
@@ -22,7 +21,12 @@ from kvmmu.memtype import (
     x86_pte_spte_format,
 )
 from kvmmu.mtrr import ALL_GFNS_END
-from kvmmu.plugins.vmx.mt_mask import VMX_MT_MASK_ERAS, ept_memtype, vmx_get_mt_mask
+from kvmmu.plugins.vmx.mt_mask import (
+    VMX_MT_MASK_ERAS,
+    ept_memtype,
+    vmx_get_mt_mask_row,
+    vmx_mt_mask_row,
+)
 from kvmmu.quirks import (
     KVM_X86_QUIRK_CD_NW_CLEARED,
     KVM_X86_QUIRK_IGNORE_GUEST_PAT,
@@ -123,6 +127,13 @@ class VmxPlugin:
         self.vm: MemtypeVM = vm
         self.config = config if config is not None else VmxConfig()
         check_vmx_quirks(vm)
+        # A VM's kernel era never changes: resolve it once, not on every fault
+        # (era_of re-parsed the version on each get_mt_mask call).
+        #: The spec/memtype.md §7 row of ``vm.era``.
+        self._mt_row = vmx_mt_mask_row(vm.era)
+        #: Whether ``common_max_mapping_level`` can cap at all in this era
+        #: (4.2-6.10, spec/memtype.md §8); outside it every call returns None.
+        self._mtrr_cap_era = (4, 2) <= vm.era < (6, 11)
 
     @staticmethod
     @hookimpl
@@ -153,8 +164,8 @@ class VmxPlugin:
         if not vm.config.tdp:
             return None
         v = vcpu_or_first(vm, vcpu)
-        return vmx_get_mt_mask(
-            vm.era,
+        return vmx_get_mt_mask_row(
+            self._mt_row,
             is_mmio=is_mmio,
             noncoherent_dma=vm.noncoherent_dma_count > 0,
             guest_cd=bool(v.cr0 & CR0_CD),
@@ -204,6 +215,8 @@ class VmxPlugin:
         self, vm: MemtypeVM, vcpu: MemtypeVcpu | None, gfn: int, max_level: int
     ) -> int | None:
         """MTRR-consistent huge pages: 4.2–5.19 always, 6.0–6.10 with noncoherent DMA."""
+        if not self._mtrr_cap_era:
+            return None
         return common_max_mapping_level(vm, vcpu, gfn, max_level, ept=vm.config.tdp)
 
     # -------------------------------------------------------------- zaps
@@ -244,7 +257,7 @@ class VmxPlugin:
         fmt = self.kvmmu_spte_format(vm)
         return {
             "vendor": "vmx",
-            "era": era_of(vm.era, VMX_MT_MASK_ERAS),
+            "era": self._mt_row,
             "spte_format": fmt.name,
             "memtype_mask": fmt.memtype_mask,
             "get_mt_mask": bool(vm.config.tdp),
