@@ -87,6 +87,7 @@ __all__ = [
     "Scenario",
     "StepGen",
     "Violation",
+    "Wait",
     "explore",
     "explore_model",
     "fingerprint",
@@ -116,6 +117,17 @@ class Instance(Protocol):
     def shared(self) -> Sequence[object]:
         """Objects whose state :meth:`state` covers (tokens in local digests)."""
         ...
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Yielded by an operation that cannot go on until ``ready()`` holds
+    (e.g. ``mmu_lock`` is held by a suspended fault). The explorer does not
+    schedule the operation until then; if every live operation waits, the
+    schedule ends in a deadlock, which is reported as a violation."""
+
+    reason: str
+    ready: Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -261,6 +273,15 @@ class _Run:
     positions: list[int]
     labels: list[str]
     errors: list[str]
+    waits: dict[int, Wait] = field(default_factory=dict)
+
+    def enabled(self) -> list[int]:
+        out = []
+        for i, d in enumerate(self.done):
+            w = self.waits.get(i)
+            if not d and (w is None or w.ready()):
+                out.append(i)
+        return out
 
 
 def _label(name: str, point: object) -> str:
@@ -269,8 +290,12 @@ def _label(name: str, point: object) -> str:
 
 def _step(run: _Run, i: int) -> None:
     name, gen = run.inst.ops[i]
+    run.waits.pop(i, None)
     try:
         point = next(gen)
+        if isinstance(point, Wait):
+            run.waits[i] = point
+            point = f"wait({point.reason})"
     except StopIteration as stop:
         run.done[i] = True
         point = "done" if stop.value is None else f"done={stop.value}"
@@ -341,9 +366,14 @@ def explore_model(
         if res.nodes > max_nodes:
             raise RuntimeError(f"explore: more than {max_nodes} nodes; make the scenario smaller")
         run = _replay(scn, var, prefix)
-        enabled = [i for i, d in enumerate(run.done) if not d]
+        enabled = run.enabled()
         if run.errors:
             enabled = []
+        elif not enabled and not all(run.done):
+            stuck = ", ".join(
+                f"{run.inst.ops[i][0]} ({w.reason})" for i, w in sorted(run.waits.items())
+            )
+            run.errors.append(f"deadlock: every live operation waits: {stuck}")
         if not enabled:
             res.schedules += 1
             if record:

@@ -28,14 +28,21 @@ the shadow mirrors faithfully, not a shadow/guest divergence to show.
 
 from __future__ import annotations
 
+import copy
 import tomllib
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvmmu.explore import Scenario, StepGen, fingerprint
+from kvmmu.explore import Scenario, StepGen, Wait, fingerprint
 
-__all__ = ["BUILTIN_SCENARIOS", "VmInstance", "load_scenario", "scenario_from_dict"]
+__all__ = [
+    "BUILTIN_SCENARIOS",
+    "VmInstance",
+    "builtin_scenario_dict",
+    "load_scenario",
+    "scenario_from_dict",
+]
 
 _HVA = 0x7F00_0000_0000
 _PTE_P, _PTE_W, _PTE_U, _PTE_A, _PTE_D = 1, 2, 4, 0x20, 0x40
@@ -173,15 +180,27 @@ def _guest_write(vm: Any, op: dict[str, Any]) -> StepGen:
     return "track_write"
 
 
+def _lock_free(vm: Any) -> bool:
+    return getattr(vm.mmu, "_mmu_lock_owner", None) is None
+
+
+def _mmu_lock(vm: Any) -> StepGen:
+    """Wait while a suspended shadow fault holds ``mmu_lock`` (``write_lock``)."""
+    if not _lock_free(vm):
+        yield Wait("mmu_lock", lambda: _lock_free(vm))
+
+
 def _invalidate(vm: Any, op: dict[str, Any]) -> StepGen:
     """An MMU-notifier invalidation (``mm/mmu_notifier.c``) as three steps."""
     s = int(op["hva"])
     e = s + int(op.get("size", 0x1000))
+    yield from _mmu_lock(vm)
     vm.host.invalidate_range_start(s, e)
     yield "invalidate_range_start"
     if op.get("reclaim", True):
         vm.host.reclaim_range(s, e)
         yield "reclaim"
+    yield from _mmu_lock(vm)
     vm.host.invalidate_range_end(s, e)
     return "invalidate_range_end"
 
@@ -189,9 +208,9 @@ def _invalidate(vm: Any, op: dict[str, Any]) -> StepGen:
 def _zap(vm: Any, op: dict[str, Any]) -> StepGen:
     """``kvm_zap_gfn_range`` (one step under ``mmu_lock``)."""
     g = int(op["gfn"])
+    yield from _mmu_lock(vm)
     vm.zap_gfn_range(g, g + int(op.get("nr", 1)))
     return "zap"
-    yield  # pragma: no cover - makes this a generator
 
 
 _OPS = {
@@ -318,6 +337,11 @@ def scenario_from_dict(d: dict[str, Any]) -> Scenario:
         default_variant=default,
         build=lambda variant: VmInstance(d, variant),
     )
+
+
+def builtin_scenario_dict(name: str) -> dict[str, Any]:
+    """A deep copy of a built-in scenario in the TOML shape (to extend it)."""
+    return copy.deepcopy(_BUILTIN_DICTS[name])
 
 
 def load_scenario(name_or_path: str) -> Scenario:

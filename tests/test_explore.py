@@ -6,7 +6,14 @@ from collections.abc import Hashable, Sequence
 from math import comb, factorial
 
 import pytest
-from kvmmu.explore import Scenario, StepGen, explore_model, fingerprint, generator_locals
+from kvmmu.explore import (
+    Scenario,
+    StepGen,
+    Wait,
+    explore_model,
+    fingerprint,
+    generator_locals,
+)
 
 
 class Counter:
@@ -166,3 +173,33 @@ def test_as_dict_shape() -> None:
     d = explore_model(toy("lost", [("a", unlocked_inc), ("b", unlocked_inc)], 2)).as_dict()
     assert {"scenario", "variant", "schedules", "violations", "pruned", "seconds"} <= set(d)
     assert d["violations"][0]["schedule"][0] == "a:load"
+
+
+def waiting_inc(mem: Counter) -> StepGen:
+    """The locked increment with a blocking wait instead of a spin loop."""
+    if mem.locked:
+        yield Wait("lock", lambda: not mem.locked)
+    mem.locked = True
+    tmp = mem.value
+    yield "locked-load"
+    mem.value = tmp + 1
+    mem.locked = False
+    return "unlock"
+
+
+def test_wait_blocks_until_ready_without_pruning() -> None:
+    scn = toy("wait", [("a", waiting_inc), ("b", waiting_inc)], 2)
+    res = explore_model(scn, prune=False, record=True)
+    assert res.violations == []
+    assert any("b:wait(lock)" in s for s in res.completed)
+
+
+def test_deadlock_is_reported() -> None:
+    def hold(mem: Counter) -> StepGen:
+        mem.locked = True
+        yield "took"
+        yield Wait("never", lambda: False)
+
+    res = explore_model(toy("dead", [("a", hold), ("b", waiting_inc)], 1))
+    assert res.violations
+    assert any("deadlock" in m for m in res.violations[0].messages)

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 from kvmmu.explore import explore, explore_model
-from kvmmu.explore_scenarios import BUILTIN_SCENARIOS, load_scenario
+from kvmmu.explore_scenarios import (
+    BUILTIN_SCENARIOS,
+    builtin_scenario_dict,
+    load_scenario,
+    scenario_from_dict,
+)
 
 
 def _index(schedule: list[str], label: str) -> int:
@@ -162,3 +167,14 @@ def test_mmu_notifier_retry_fixed_retries_the_racing_fault() -> None:
     ]
     assert racing
     assert all("fault:done=ret_pf=1" in s for s in racing)  # RET_PF_RETRY
+
+
+def test_three_ops_zap_waits_for_the_faults_mmu_lock() -> None:
+    """race-2010 plus a zap of the data gfn: the zap waits while the suspended
+    fetch holds mmu_lock (never raises MmuLockContended), and the fix holds."""
+    d = builtin_scenario_dict("race-2010")
+    d["op"].append({"name": "zap", "kind": "zap", "gfn": 5, "nr": 1})
+    res = explore_model(scenario_from_dict(d), "fixed", record=True)
+    assert res.violations == []
+    assert any("zap:wait(mmu_lock)" in s for s in res.completed)
+    assert all(s[-1].split(":")[1].startswith("done") for s in res.completed)
