@@ -444,3 +444,66 @@ def memtype_cmd(
     for r in rows:
         t.add_row(*["-" if r[k] is None else str(r[k]) for k in keys])
     console.print(t)
+
+
+# --------------------------------------------------------------------------
+# kvmmu explore
+# --------------------------------------------------------------------------
+
+
+@cli.command("explore", epilog=EXIT_CODES_HELP)
+@click.argument("scenario", required=False)
+@click.option("--variant", help="the scenario's variant, e.g. buggy or fixed (default: fixed)")
+@click.option("--list", "list_", is_flag=True, help="list the built-in race scenarios")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def explore_cmd(scenario: str | None, variant: str | None, list_: bool, as_json: bool) -> None:
+    """Run every interleaving of a race scenario (NAME or a TOML FILE).
+
+    Operations (vCPU faults, guest page-table writes, host invalidations,
+    zaps) yield where the kernel takes or drops a lock or re-checks; every
+    schedule is run from a fresh VM, states already seen are pruned, and the
+    shortest failing schedule is printed. Exit 1 when a schedule violates an
+    invariant.
+    """
+    from kvmmu.explore import explore
+    from kvmmu.explore_scenarios import BUILTIN_SCENARIOS
+
+    if list_ or scenario is None:
+        if as_json:
+            emit_json(BUILTIN_SCENARIOS)
+            return
+        t = Table(title="built-in race scenarios")
+        for col in ("name", "variants", "description"):
+            t.add_column(col)
+        for name, info in BUILTIN_SCENARIOS.items():
+            t.add_row(name, ", ".join(info["variants"]), str(info["description"]))
+        console.print(t)
+        if scenario is None and not list_:
+            raise click.UsageError("give a scenario NAME or FILE (see the list above)")
+        return
+    try:
+        res = explore(scenario, variant)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if as_json:
+        emit_json(res)
+    else:
+        console.print(
+            f"[bold]{res['scenario']}[/] ({res['variant']}): {res['schedules']} "
+            f"schedules, {res['nodes']} nodes, {res['pruned']} pruned, "
+            f"{res['seconds']:.2f} s"
+        )
+        if not res["violations"]:
+            console.print("[green]no schedule violates an invariant[/]")
+        for i, v in enumerate(res["violations"][:1]):
+            console.print(
+                f"[red]violation[/] (shortest of {len(res['violations'])}, "
+                f"{len(v['schedule'])} steps):"
+            )
+            for n, step in enumerate(v["schedule"], 1):
+                console.print(f"  {n:2}. {step}")
+            for m in v["messages"]:
+                console.print(f"  [red]- {m}[/]")
+            del i
+    if res["violations"]:
+        raise SystemExit(int(ExitCode.CHECK_FAILED))

@@ -98,3 +98,18 @@ def test_memtype_plot_writes_png(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explore_race_2010_buggy_exit_1_fixed_exit_0() -> None:
+    buggy = CliRunner().invoke(cli, ["explore", "race-2010", "--variant", "buggy", "--json"])
+    assert buggy.exit_code == 1
+    res = json.loads(buggy.output)
+    assert res["schedules"] >= 1 and res["violations"]
+    assert all("schedule" in v for v in res["violations"])
+    fixed = CliRunner().invoke(cli, ["explore", "race-2010", "--variant", "fixed", "--json"])
+    assert fixed.exit_code == 0
+    assert json.loads(fixed.output)["violations"] == []
+
+
+def test_explore_unknown_scenario_is_usage_error() -> None:
+    assert _run("explore", "no-such-race")[0] == 2
