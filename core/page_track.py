@@ -44,44 +44,47 @@ class PageTrack:
         return slot
 
     def add_gfn(self, gfn: int) -> None:
-        """``kvm_write_track_add_gfn``: count +1, disallow huge pages, write-protect.
+        """``kvm_write_track_add_gfn``: look the slot up (EINVAL if none), then track."""
+        self.add_gfn_in_slot(self._slot_for(gfn, "add"), gfn)
 
-        ``__kvm_write_track_add_gfn`` (PT-68): the counter goes up, the gfn is
-        disallowed at every huge level, and every SPTE mapping it (huge ones
-        included) loses W and MMU-writable, followed by a ranged flush.
+    def remove_gfn(self, gfn: int) -> None:
+        """``kvm_write_track_remove_gfn``: look the slot up (EINVAL if none), then untrack."""
+        self.remove_gfn_in_slot(self._slot_for(gfn, "remove"), gfn)
+
+    def add_gfn_in_slot(self, slot: Memslot, gfn: int) -> None:
+        """``__kvm_write_track_add_gfn``: count +1, disallow huge pages, write-protect.
+
+        PT-68: the counter goes up, the gfn is disallowed at every huge level,
+        and every SPTE mapping it (huge ones included) loses W and
+        MMU-writable, followed by a ranged flush. Also KVM's own use for
+        non-leaf shadowed guest tables (``account_shadowed``, spec §2.4), which
+        may run on a slot being deleted (INVALID).
         """
-        slot = self._slot_for(gfn, "add")
         self.vm.memslots.enable_write_tracking()
-        idx = gfn - slot.base_gfn
-        track = slot.gfn_write_track
-        assert track is not None
-        if int(track[idx]) >= USHRT_MAX:
+        if int(slot.gfn_write_track[gfn - slot.base_gfn]) >= USHRT_MAX:
             # KVM WARNs and drops the update; the model refuses it visibly.
             raise KvmError(
                 errno.EINVAL,
                 f"add: write-track count of gfn {gfn:#x} would exceed USHRT_MAX "
                 "(KVM WARN_ON_ONCE and drops the update)",
             )
-        track[idx] += 1
+        slot.update_gfn_write_track(gfn, +1)
         slot.disallow_lpage(gfn)
         self.vm.mmu.write_protect_gfn(slot, gfn)
 
-    def remove_gfn(self, gfn: int) -> None:
-        """``kvm_write_track_remove_gfn``: count -1 and allow huge pages again.
+    def remove_gfn_in_slot(self, slot: Memslot, gfn: int) -> None:
+        """``__kvm_write_track_remove_gfn``: count -1 and allow huge pages again.
 
         There is no un-protect: write access comes back lazily on the next
         fault (spec/kvm-mmu.md §2.1).
         """
-        slot = self._slot_for(gfn, "remove")
-        track = slot.gfn_write_track
-        idx = gfn - slot.base_gfn
-        if track is None or int(track[idx]) == 0:
+        if not self.is_write_tracked(slot, gfn):
             raise KvmError(
                 errno.EINVAL,
                 f"remove: gfn {gfn:#x} is not write-tracked; the count cannot go below 0 "
                 "(KVM WARN_ON_ONCE and drops the update)",
             )
-        track[idx] -= 1
+        slot.update_gfn_write_track(gfn, -1)
         slot.allow_lpage(gfn)
 
     def is_write_tracked(self, slot: Memslot | None, gfn: int) -> bool:

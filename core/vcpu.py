@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from kvmmu.memtype import MemType
     from kvmmu.vm import VM
 
-__all__ = ["AccessResult", "TraceEvent", "VCpu"]
+__all__ = ["AccessResult", "Kind", "TraceEvent", "VCpu"]
 
 Kind = Literal["read", "write", "fetch"]
 

@@ -247,10 +247,7 @@ class ShadowBase:
         if slot is None:
             return
         if sp.role.level > 1:
-            self.vm.memslots.enable_write_tracking()
-            slot.update_gfn_write_track(sp.gfn, +1)
-            slot.disallow_lpage(sp.gfn)
-            self.write_protect_gfn(slot, sp.gfn)
+            self.vm.page_track.add_gfn_in_slot(slot, sp.gfn)
             return
         slot.disallow_lpage(sp.gfn)
         self.write_protect_gfn(slot, sp.gfn)
@@ -262,7 +259,8 @@ class ShadowBase:
         if slot is None:
             return
         if sp.role.level > 1:
-            slot.update_gfn_write_track(sp.gfn, -1)
+            self.vm.page_track.remove_gfn_in_slot(slot, sp.gfn)
+            return
         slot.allow_lpage(sp.gfn)
 
     def write_protect_gfn(self, slot: Memslot, gfn: int, level: int = 1) -> bool:
