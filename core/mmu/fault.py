@@ -67,6 +67,9 @@ _PS = S.PT_PAGE_SIZE_MASK
 _W = S.PT_WRITABLE_MASK
 _ADDR = S.SPTE_BASE_ADDR_MASK
 _NOSLOT = -1
+#: Internal: ``__kvm_faultin_pfn`` got a pfn (the "faultin_pfn" point follows).
+_PFN_READY = -1
+_RET_PF_STAT = {r: "ret_pf." + name for r, name in RET_PF_NAMES.items()}
 
 
 class PageFault:
@@ -123,98 +126,109 @@ class FaultMixin(TdpBase):
     """The fault path of :class:`kvmmu.mmu.TdpMmu`."""
 
     # ----------------------------------------------------------- entry points
+    #
+    # The fault is four step functions separated by the three points where the
+    # kernel can be interleaved: _pf_start | "mmu_seq" | _pf_faultin |
+    # "faultin_pfn" | _pf_recheck | "mmu_lock" | _pf_locked, then _pf_finish.
+    # page_fault_steps drives them as a generator (yielding at those points);
+    # page_fault drives the very same functions without yielding, for callers
+    # that never interleave (vCPU faults, IOPFs, pre-fault).
+
     def page_fault(
         self, vcpu: Any, gpa: int, error_code: int, *, prefetch: bool = False, as_id: int = 0
     ) -> int:
-        """``kvm_mmu_page_fault`` for TDP: returns ``RET_PF_*`` or raises KvmError."""
-        gen = self.page_fault_steps(vcpu, gpa, error_code, prefetch=prefetch, as_id=as_id)
+        """``kvm_mmu_page_fault`` for TDP: returns ``RET_PF_*`` or raises KvmError.
+
+        The steps of :meth:`page_fault_steps`, run back to back.
+        """
         try:
-            while True:
-                next(gen)
-        except StopIteration as stop:
-            return int(stop.value)
+            f, root, r = self._pf_start(vcpu, gpa, error_code, prefetch, as_id)
+            if r == RET_PF_CONTINUE:
+                r = self._pf_faultin(f)
+                if r == _PFN_READY:
+                    r = self._pf_recheck(f)
+                if r == RET_PF_CONTINUE:
+                    r = self._pf_locked(f, root)
+            return self._pf_finish(f, r)
+        except KvmError as e:
+            self._count_error(e)
+            raise
 
     def page_fault_steps(
         self, vcpu: Any, gpa: int, error_code: int, *, prefetch: bool = False, as_id: int = 0
     ) -> FaultSteps:
-        """The fault as a generator; its return value is the ``RET_PF_*`` code."""
-        stats = self.vm.stats
-        try:
-            r = yield from self._page_fault(vcpu, gpa, error_code, prefetch, as_id)
-        except KvmError as e:
-            stats["ret_pf." + errno.errorcode.get(e.errno, str(e.errno))] += 1
-            raise
-        stats["ret_pf." + RET_PF_NAMES[r]] += 1
-        return r
+        """The fault as a generator; its return value is the ``RET_PF_*`` code.
 
-    def _page_fault(
+        Yields ``"mmu_seq"`` after ``mmu_invalidate_seq`` is read,
+        ``"faultin_pfn"`` after ``__kvm_faultin_pfn`` got a pfn, and
+        ``"mmu_lock"`` right before ``mmu_lock`` is taken.
+        """
+        try:
+            f, root, r = self._pf_start(vcpu, gpa, error_code, prefetch, as_id)
+            if r == RET_PF_CONTINUE:
+                yield "mmu_seq"
+                r = self._pf_faultin(f)
+                if r == _PFN_READY:
+                    yield "faultin_pfn"
+                    r = self._pf_recheck(f)
+                if r == RET_PF_CONTINUE:
+                    yield "mmu_lock"
+                    r = self._pf_locked(f, root)
+            return self._pf_finish(f, r)
+        except KvmError as e:
+            self._count_error(e)
+            raise
+
+    def _count_error(self, e: KvmError) -> None:
+        self.vm.stats["ret_pf." + errno.errorcode.get(e.errno, str(e.errno))] += 1
+
+    # ------------------------------------------------------------ the steps
+    def _pf_start(
         self, vcpu: Any, gpa: int, error_code: int, prefetch: bool, as_id: int
-    ) -> FaultSteps:
-        # kvm_mmu_reload before entering the guest; the fault runs on this root.
+    ) -> tuple[PageFault | None, Root, int]:
+        """Up to the ``mmu_invalidate_seq`` snapshot.
+
+        ``kvm_mmu_reload`` (the fault runs on the vCPU's root), the RSVD ->
+        ``handle_mmio_page_fault`` path of ``kvm_mmu_page_fault``, then
+        ``kvm_mmu_do_page_fault`` -> ``kvm_tdp_page_fault`` up to
+        ``kvm_mmu_faultin_pfn`` reading ``mmu_invalidate_seq`` (spec/kvm-mmu.md
+        §3.2-3.5). Returns ``(fault, root, RET_PF_CONTINUE)`` to go on, or a
+        final code (``fault`` None when no fault was built).
+        """
         root = self.vcpu_root(vcpu, as_id)
-        r = RET_PF_INVALID
         if error_code & PFERR_RSVD_MASK:
             r = self.handle_mmio_page_fault(vcpu, gpa, root)
-            if r == RET_PF_EMULATE:
-                return r
-        if r == RET_PF_INVALID:
-            r = yield from self._do_page_fault(vcpu, root, gpa, error_code & 0xFFFFFFFF, prefetch)
-            if r == RET_PF_INVALID:
-                raise KvmError(errno.EIO, "RET_PF_INVALID from kvm_mmu_do_page_fault (KVM_BUG)")
-        return r
-
-    def _do_page_fault(
-        self, vcpu: Any, root: Root, gpa: int, error_code: int, prefetch: bool
-    ) -> FaultSteps:
-        """``kvm_mmu_do_page_fault``: build the fault, count pf_* stats."""
-        f = PageFault(vcpu, gpa, error_code, prefetch, self.max_huge_page_level)
+            if r != RET_PF_INVALID:
+                return None, root, r
+        # kvm_mmu_do_page_fault: build the fault, count pf_taken.
+        f = PageFault(vcpu, gpa, error_code & 0xFFFFFFFF, prefetch, self.max_huge_page_level)
         f.as_id = root.as_id
-        f.slot = self.vm.memslots.gfn_to_memslot(f.gfn, root.as_id)
-        stats = self.vm.stats
-        if not prefetch:
-            stats["pf_taken"] += 1
-        r = yield from self._tdp_page_fault(f, root)
-        if r == RET_PF_FIXED:
-            stats["pf_fixed"] += 1
-        elif prefetch:
-            pass
-        elif r == RET_PF_EMULATE:
-            stats["pf_emulate"] += 1
-        elif r == RET_PF_SPURIOUS:
-            stats["pf_spurious"] += 1
-        elif r == RET_PF_RETRY:
-            stats["pf_retry"] += 1
-        return r
-
-    def _tdp_page_fault(self, f: PageFault, root: Root) -> FaultSteps:
-        """``kvm_tdp_page_fault`` -> ``kvm_tdp_mmu_page_fault`` (spec/kvm-mmu.md §3.4)."""
         vm = self.vm
-        # §3.4 step 1: the vendor lowers max_level for guest-MTRR consistency
-        # in the eras that honoured guest MTRRs.
-        lvl = vm.hooks.max_mapping_level(f.vcpu, f.gfn, f.max_level)
-        if lvl is not None:
-            f.max_level = min(f.max_level, lvl)
+        f.slot = vm.memslots.gfn_to_memslot(f.gfn, root.as_id)
+        if not prefetch:
+            vm.stats["pf_taken"] += 1
+        # kvm_tdp_page_fault (§3.4 step 1): the vendor lowers max_level for
+        # guest-MTRR consistency in the eras that honoured guest MTRRs.
+        lvl = vm.hooks.max_mapping_level(vcpu, f.gfn, f.max_level)
+        if lvl is not None and lvl < f.max_level:
+            f.max_level = lvl
         # page_fault_handle_page_track (spec/kvm-mmu.md §2.3 item 4).
         if f.present and f.write and not f.rsvd and vm.page_track.is_write_tracked(f.slot, f.gfn):
-            return RET_PF_EMULATE
+            return f, root, RET_PF_EMULATE
         r = self.fast_page_fault(f, root)
         if r != RET_PF_INVALID:
-            return r
-        r = yield from self._faultin_pfn(f)
-        if r != RET_PF_CONTINUE:
-            return r
-        yield "mmu_lock"
-        if self._is_page_fault_stale(f, root):
-            return RET_PF_RETRY
-        return self._tdp_mmu_map(f, root)
+            return f, root, r
+        # kvm_mmu_faultin_pfn: snapshot the invalidation sequence (§3.5).
+        f.mmu_seq = self.invalidate.seq
+        return f, root, RET_PF_CONTINUE
 
-    # ---------------------------------------------------------- kvm_faultin_pfn
-    def _faultin_pfn(self, f: PageFault) -> FaultSteps:
-        """``kvm_mmu_faultin_pfn`` with the invalidation retry protocol (§3.5)."""
-        inv = self.invalidate
-        check = self._retry_check_enabled()
-        f.mmu_seq = inv.seq
-        yield "mmu_seq"
+    def _pf_faultin(self, f: PageFault) -> int:
+        """``__kvm_faultin_pfn`` after the sequence snapshot (spec/kvm-mmu.md §3.5).
+
+        Returns ``_PFN_READY`` when a pfn was obtained (the caller then
+        rechecks the sequence), ``RET_PF_CONTINUE`` for a no-slot fault that
+        goes on to install an MMIO SPTE, or a final code.
+        """
         slot = f.slot
         if slot is None:
             return self._handle_noslot_fault(f)
@@ -224,7 +238,7 @@ class FaultMixin(TdpBase):
             if f.prefetch:
                 raise KvmError(errno.EAGAIN, f"gfn {f.gfn:#x} hit a memslot being changed")
             return RET_PF_RETRY
-        if check and inv.retry_gfn_unsafe(f.mmu_seq, f.gfn):
+        if self._retry_check_enabled() and self.invalidate.retry_gfn_unsafe(f.mmu_seq, f.gfn):
             return RET_PF_RETRY
         # __kvm_faultin_pfn -> __gfn_to_pfn_memslot -> hva_to_pfn
         if f.write and slot.is_readonly:
@@ -246,11 +260,41 @@ class FaultMixin(TdpBase):
             # (hva_to_pfn tries FOLL_WRITE first; no CoW in the host model).
             vma = host.find_vma(hva)
             f.map_writable = vma is not None and bool(vma.writable)
-        yield "faultin_pfn"
-        if check and inv.retry_gfn_unsafe(f.mmu_seq, f.gfn):
+        return _PFN_READY
+
+    def _pf_recheck(self, f: PageFault) -> int:
+        """``mmu_invalidate_retry_gfn_unsafe`` after the pfn (lockless, §3.5)."""
+        if self._retry_check_enabled() and self.invalidate.retry_gfn_unsafe(f.mmu_seq, f.gfn):
             return RET_PF_RETRY
         return RET_PF_CONTINUE
 
+    def _pf_locked(self, f: PageFault, root: Root) -> int:
+        """Under ``mmu_lock``: ``is_page_fault_stale``, then ``kvm_tdp_mmu_map``."""
+        if self._is_page_fault_stale(f, root):
+            return RET_PF_RETRY
+        return self._tdp_mmu_map(f, root)
+
+    def _pf_finish(self, f: PageFault | None, r: int) -> int:
+        """Count ``pf_*`` (``kvm_mmu_do_page_fault``) and ``ret_pf.*``; a
+        ``RET_PF_INVALID`` from the fault path is a KVM bug (-EIO)."""
+        stats = self.vm.stats
+        if f is not None:
+            if r == RET_PF_FIXED:
+                stats["pf_fixed"] += 1
+            elif f.prefetch:
+                pass
+            elif r == RET_PF_EMULATE:
+                stats["pf_emulate"] += 1
+            elif r == RET_PF_SPURIOUS:
+                stats["pf_spurious"] += 1
+            elif r == RET_PF_RETRY:
+                stats["pf_retry"] += 1
+            if r == RET_PF_INVALID:
+                raise KvmError(errno.EIO, "RET_PF_INVALID from kvm_mmu_do_page_fault (KVM_BUG)")
+        stats[_RET_PF_STAT[r]] += 1
+        return r
+
+    # ---------------------------------------------------------- kvm_faultin_pfn
     def _retry_check_enabled(self) -> bool:
         return bool(getattr(self.vm.config, "mmu_notifier_retry_check", True))
 
@@ -391,13 +435,16 @@ class FaultMixin(TdpBase):
         """``kvm_tdp_mmu_map``: walk down, link or split tables, set the leaf."""
         self.hugepage_adjust(f)
         pool = self.pool
+        data = pool.data
+        present = self.mmu_present
+        pfn_base = self._pfn_base
         idx = root.idx
         level = self.root_level
         gfn = f.gfn
         nx = self.nx_huge_pages
         while True:
             i = (gfn >> (9 * (level - 1))) & 511
-            spte = int(pool.data[idx, i])
+            spte = data.item(idx, i)
             if nx:
                 self._disallowed_hugepage_adjust(f, spte, level)
             if level == f.goal_level:
@@ -406,15 +453,16 @@ class FaultMixin(TdpBase):
                     # direct_map: prefetch after anything but SPURIOUS.
                     self.direct_pte_prefetch(f, idx, i)
                 return r
-            if spte & self.mmu_present and not spte & _PS:
-                idx = ((spte & _ADDR) >> 12) - self._pfn_base
+            if spte & present and not spte & _PS:
+                idx = ((spte & _ADDR) >> 12) - pfn_base
                 level -= 1
                 continue
-            if spte & self.mmu_present:
+            if spte & present:
                 child = self.split_huge_page(idx, i, level, spte, f.huge_page_disallowed)
             else:
                 child = self.link_sp(idx, i, level - 1, gfn & ~(S.KVM_PAGES_PER_HPAGE(level) - 1))
                 pool.nx_disallowed[child] = f.huge_page_disallowed
+            data = pool.data  # the pool may have grown
             if f.huge_page_disallowed and f.req_level >= level:
                 # track_possible_nx_huge_page
                 self.possible_nx_huge_pages.add(child)
