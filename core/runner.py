@@ -200,7 +200,7 @@ class ScenarioRun:
                 self.violations.append(v)
 
     def _access(self, vcpu_i: int, gva: int, kind: str, size: int, data: bytes | None) -> None:
-        self.vm.vcpus[vcpu_i].access(gva, kind, size, data)  # type: ignore[arg-type]
+        self.vm.vcpus[vcpu_i].access(gva, kind, size, data)
 
     def _run_step(self, index: int, step: Any) -> int:
         vm = self.vm
