@@ -361,6 +361,43 @@ class HostMemory:
             return pfn
         return self._fault_in(vma, page)
 
+    def hva_to_pfn_range(self, hva: int, npages: int, *, write: bool) -> np.ndarray:
+        """:meth:`hva_to_pfn` of ``npages`` consecutive pages from ``hva``, in bulk.
+
+        Returns the pfns as ``uint64``. Each host leaf is looked up (or
+        faulted in) once: a 2M/1G block gives a run of consecutive pfns
+        (``get_user_pages`` of a range; the result equals calling
+        :meth:`hva_to_pfn` page by page). Errors are those of
+        :meth:`hva_to_pfn` for the first page that fails; pages before it
+        stay faulted in.
+        """
+        if hva % PAGE_SIZE or npages < 0:
+            raise ValueError(f"hva_to_pfn_range: hva {hva:#x} must be page aligned, npages >= 0")
+        out = np.empty(npages, dtype=np.uint64)
+        page = hva >> PAGE_SHIFT
+        end = page + npages
+        off = 0
+        while page < end:
+            pfn = self.hva_to_pfn(page << PAGE_SHIFT, write=write)
+            n = 1
+            vma = self.find_vma(page << PAGE_SHIFT)
+            if vma is not None and vma.mmio:
+                n = min(end, vma.end >> PAGE_SHIFT) - page
+            elif page not in self._small:
+                for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+                    size = KVM_PAGES_PER_HPAGE(level)
+                    blk = self._blocks.get(page & ~(size - 1))
+                    if blk is not None and blk.level == level:
+                        n = min(end, (page & ~(size - 1)) + size) - page
+                        break
+            if n == 1:
+                out[off] = pfn
+            else:
+                out[off : off + n] = np.arange(pfn, pfn + n, dtype=np.uint64)
+            off += n
+            page += n
+        return out
+
     def _fault_in(self, vma: Vma, page: int) -> int:
         level = vma.page_level
         if level > PG_LEVEL_4K:

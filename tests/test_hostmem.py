@@ -215,3 +215,20 @@ def test_read_u64_many_matches_scalar(h):
 def test_maxphyaddr_bounds():
     with pytest.raises(ValueError, match="maxphyaddr"):
         HostMemory(maxphyaddr=30)
+
+
+def test_hva_to_pfn_range_equals_page_by_page() -> None:
+    """Bulk GUP gives what hva_to_pfn gives per page (4K, THP, MMIO; faulting in)."""
+    a, b = HostMemory(), HostMemory()
+    for h in (a, b):
+        h.mmap_anon(0x40000000, 8 << 20, page_level=2)
+        h.mmap_anon(0x80000000, 1 << 20)
+        h.map_mmio(0x90000000, 1 << 16, hpa=0xF000_0000, memtype=0)
+        h.hva_to_pfn(0x80003000, write=True)  # a page already present
+    for hva, n in ((0x40000000 + 0x3000, 1500), (0x80000000, 256), (0x90000000, 16)):
+        bulk = a.hva_to_pfn_range(hva, n, write=False)
+        one = np.array([b.hva_to_pfn(hva + (i << 12), write=False) for i in range(n)])
+        assert bulk.dtype == np.uint64 and bulk.tolist() == one.tolist()
+    assert a.hva_to_pfn_range(0x40000000, 0, write=False).size == 0
+    with pytest.raises(KvmError):
+        a.hva_to_pfn_range(0x80000000 + (255 << 12), 2, write=False)  # runs off the VMA

@@ -43,13 +43,14 @@ MAX_PREFAULT_RETRIES = 64
 
 _PS = np.uint64(S.PT_PAGE_SIZE_MASK)
 _ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
-_OFFS = np.arange(512, dtype=np.uint64)
+_SHIFT = np.uint64(S.PAGE_SHIFT)
 
 
 class PrefaultMixin(FaultMixin):
     """``pre_fault_memory`` for :class:`kvmmu.mmu.TdpMmu`."""
 
     _prefault_vcpu: Any = None
+    _templates: dict[tuple[int, bool, int | None, bool], int]
 
     def pre_fault_memory(self, gpa: int, size: int, vcpu: Any = None) -> int:
         """Pre-fault ``[gpa, gpa+size)``; return the bytes processed.
@@ -64,6 +65,7 @@ class PrefaultMixin(FaultMixin):
             raise KvmError(errno.EINVAL, f"pre_fault_memory: bad range gpa={gpa:#x} size={size:#x}")
         done = 0
         self._prefault_vcpu = vcpu
+        self._templates: dict[tuple[int, bool, int | None, bool], int] = {}
         while done < size:
             try:
                 n = self._prefault_bulk(gpa + done, size - done, vcpu)
@@ -156,27 +158,35 @@ class PrefaultMixin(FaultMixin):
         dirty = slot.logs_dirty
         lp2 = slot.lpage_info.get(2) if max_level >= 2 else None
         mt_cache: dict[bool, int | None] = {}
+        hva0 = slot.gfn_to_hva(gfn)
+        vma = host.find_vma(hva0)
+        if vma is None:
+            return plan
+        # Frames wholly inside this VMA; the caller comes back for the rest.
+        nframes = min(nframes, (vma.end - hva0) >> (9 + S.PAGE_SHIFT))
+        if nframes == 0:
+            return plan
+        try:
+            all_pfns = host.hva_to_pfn_range(hva0, nframes << 9, write=False)
+        except KvmError:
+            # hva_to_pfn failed somewhere: plan frame by frame up to it.
+            all_pfns = None
+        frame_bytes = 512 << S.PAGE_SHIFT
         for f in range(nframes):
             fgfn = gfn + (f << 9)
-            hva = slot.gfn_to_hva(fgfn)
-            vma = host.find_vma(hva)
-            if vma is None or vma.end < hva + (512 << S.PAGE_SHIFT):
-                break
-            pfns = np.empty(512, dtype=np.uint64)
-            off = 0
-            host_level = 3
-            try:
-                while off < 512:
-                    h = hva + (off << S.PAGE_SHIFT)
-                    pfn = host.hva_to_pfn(h, write=False)
-                    lvl = host.host_mapping_level(h)
-                    host_level = min(host_level, lvl)
-                    pages = S.KVM_PAGES_PER_HPAGE(lvl)
-                    n = min(512 - off, pages - ((h >> S.PAGE_SHIFT) & (pages - 1)))
-                    pfns[off : off + n] = _OFFS[:n] + np.uint64(pfn)
-                    off += n
-            except KvmError:
-                break
+            hva = hva0 + f * frame_bytes
+            if all_pfns is not None:
+                pfns = all_pfns[f << 9 : (f + 1) << 9]
+            else:
+                try:
+                    pfns = host.hva_to_pfn_range(hva, 512, write=False)
+                except KvmError:
+                    break
+            # host_pfn_mapping_level over the frame: a 512-page span lies in at
+            # most two host leaves of 2M or more, so its two ends decide.
+            host_level = min(
+                host.host_mapping_level(hva), host.host_mapping_level(hva + frame_bytes - 4096)
+            )
             level = 1
             flvl = 2
             if not uniform:
@@ -207,7 +217,15 @@ class PrefaultMixin(FaultMixin):
         return plan
 
     def _template(self, level: int, writable: bool, mt: int | None, tracked: bool) -> int:
-        """``make_spte`` of a prefetch read fault with pfn 0 (the pfn is ORed in)."""
+        """``make_spte`` of a prefetch read fault with pfn 0 (the pfn is ORed in).
+
+        Memoised per ``pre_fault_memory`` call: every other input of
+        ``make_spte`` here is fixed for the VM.
+        """
+        key = (level, writable, mt, tracked)
+        cached = self._templates.get(key)
+        if cached is not None:
+            return cached
         spte, _ = S.make_spte(
             self.fmt,
             level=level,
@@ -222,6 +240,7 @@ class PrefaultMixin(FaultMixin):
             ad_disabled=self.ad_disabled,
             try_unsync=lambda: int(tracked),
         )
+        self._templates[key] = spte
         return spte
 
     def _install_frames(
@@ -264,7 +283,7 @@ class PrefaultMixin(FaultMixin):
             idxs = pool.alloc_many(k, 1, fgfns)
             block = np.empty((k, 512), dtype=np.uint64)
             for row, f in enumerate(new_tables):
-                block[row] = self._leaf_values(slot, gfn + (f << 9), plan[f])
+                self._leaf_values(slot, gfn + (f << 9), plan[f], block[row])
             if int(idxs[-1]) - int(idxs[0]) == k - 1 and bool(np.all(np.diff(idxs) == 1)):
                 pool.data[int(idxs[0]) : int(idxs[0]) + k] = block
             else:
@@ -297,10 +316,16 @@ class PrefaultMixin(FaultMixin):
         return handled
 
     def _leaf_values(
-        self, slot: Any, fgfn: int, entry: tuple[int, np.ndarray, bool, int | None]
+        self,
+        slot: Any,
+        fgfn: int,
+        entry: tuple[int, np.ndarray, bool, int | None],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The 512 4K SPTEs a frame's prefetch faults would write."""
+        """The 512 4K SPTEs a frame's prefetch faults would write (into ``out``)."""
         _, pfns, writable, mt = entry
+        if out is None:
+            out = np.empty(512, dtype=np.uint64)
         if mt == -1:
             vals = np.empty(512, dtype=np.uint64)
             host = self.vm.host
@@ -309,16 +334,18 @@ class PrefaultMixin(FaultMixin):
                     self._prefault_vcpu, fgfn + j, host.is_mmio_pfn(int(pfns[j]))
                 )
                 vals[j] = self._template(1, writable, m, self._tracked(slot, fgfn + j))
-            return vals | (pfns << np.uint64(S.PAGE_SHIFT))
-        base = np.uint64(self._template(1, writable, mt, False))
-        vals = (pfns << np.uint64(S.PAGE_SHIFT)) | base
+            np.bitwise_or(vals, pfns << _SHIFT, out=out)
+            return out
+        vals = out
+        np.left_shift(pfns, _SHIFT, out=vals)
+        vals |= np.uint64(self._template(1, writable, mt, False))
         if writable:
             track = slot.gfn_write_track
             rel = fgfn - slot.base_gfn
             t = np.asarray(track[rel : rel + 512]) != 0
             if t.any():
                 wp = np.uint64(self._template(1, writable, mt, True))
-                vals[t] = (pfns[t] << np.uint64(S.PAGE_SHIFT)) | wp
+                vals[t] = (pfns[t] << _SHIFT) | wp
         return vals
 
     def _tracked(self, slot: Any, gfn: int) -> bool:
