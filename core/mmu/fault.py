@@ -143,7 +143,7 @@ class FaultMixin(TdpBase):
         """
         try:
             f, root, r = self._pf_start(vcpu, gpa, error_code, prefetch, as_id)
-            if r == RET_PF_CONTINUE:
+            if f is not None and r == RET_PF_CONTINUE:
                 r = self._pf_faultin(f)
                 if r == _PFN_READY:
                     r = self._pf_recheck(f)
@@ -165,7 +165,7 @@ class FaultMixin(TdpBase):
         """
         try:
             f, root, r = self._pf_start(vcpu, gpa, error_code, prefetch, as_id)
-            if r == RET_PF_CONTINUE:
+            if f is not None and r == RET_PF_CONTINUE:
                 yield "mmu_seq"
                 r = self._pf_faultin(f)
                 if r == _PFN_READY:
