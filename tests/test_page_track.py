@@ -12,10 +12,9 @@ from typing import Any
 
 import kvmmu
 import pytest
+from conftest import RAM_HVA, make_vm
 from kvmmu.errors import PluginError
 from kvmmu.memslot import MemslotChange
-
-from tests.conftest import RAM_HVA, make_vm
 
 GFN = 0x10
 GPA = GFN << 12
