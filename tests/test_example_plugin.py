@@ -33,7 +33,7 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Layer the current environment under the throwaway one; its .pth files
     # (the editable kvmmu install) are honoured through site.addsitedir.
     Path(purelib, "zz_parent.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
-    subprocess.run(
+    out = subprocess.run(
         [
             str(py),
             "-m",
@@ -44,11 +44,11 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-build-isolation",
             str(EXAMPLE),
         ],
-        check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    assert out.returncode == 0, out.stdout + out.stderr
     return py
 
 
