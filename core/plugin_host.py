@@ -315,11 +315,25 @@ class PluginHost:
         return results
 
     def call_first(self, hook: str, **kwargs: Any) -> Any:
-        """Call implementations until one returns non-None (``firstresult``)."""
-        for name, fn, argnames in self.impls(hook):
-            if name not in self._by_name:
+        """Call implementations until one returns non-None (``firstresult``).
+
+        The per-fault hooks (``get_mt_mask``, ``max_mapping_level``) come
+        through here, so the loop calls each implementation inline rather
+        than through :meth:`_invoke`; errors are attributed the same way.
+        """
+        impls = self._impls.get(hook)
+        if impls is None:
+            impls = self.impls(hook)
+        by_name = self._by_name
+        for name, fn, argnames in impls:
+            if name not in by_name:
                 continue
-            r = self._invoke(hook, name, fn, argnames, kwargs)
+            try:
+                r = fn(*[kwargs[a] for a in argnames])
+            except (KvmError, PluginError):
+                raise
+            except Exception as e:
+                raise PluginError(name, hook, f"{type(e).__name__}: {e}") from e
             if r is not None:
                 return r
         return None
