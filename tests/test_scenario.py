@@ -210,3 +210,32 @@ def test_docs_schema_files_are_current() -> None:
     docs = ROOT / "docs"
     assert json.loads((docs / "scenario.schema.json").read_text()) == scenario_json_schema()
     assert json.loads((docs / "config.schema.json").read_text()) == config_json_schema()
+
+
+def test_compare_virtio_gpu_shows_hazard_table_per_vendor_and_design() -> None:
+    """Issue 10 item 4: `kvmmu compare` on the virtio-gpu scenario, vmx vs svm."""
+    out = _kvmmu(
+        "compare",
+        str(ROOT / "examples" / "scenarios" / "virtio-gpu.toml"),
+        "--vendors",
+        "vmx,svm",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["runs"] == ["vmx@6.16", "svm@6.16"]
+    rows = {lb: r["plugins"]["virtio_gpu"]["hazard_table"] for lb, r in res["reports"].items()}
+    for lb, table in rows.items():
+        assert {r["design"] for r in table} == {
+            "today",
+            "kvm_mem_dma",
+            "kvm_mem_wc",
+            "virtio_noncoherent",
+        }, lb
+    diffs = {d["metric"]: d["values"] for d in res["differences"]}
+    # Today's KVM on VMX forces WB|IPAT under a guest WC mapping (H1); SVM keeps WC.
+    wc_today = diffs["plugins.virtio_gpu.hazard_table[today,WC].effective"]
+    assert wc_today == {"vmx@6.16": "WB", "svm@6.16": "WC"}
+    # The KVM_MEM_WC design gives WC on VMX whatever the guest asks.
+    vmx_wc = [r for r in rows["vmx@6.16"] if r["design"] == "kvm_mem_wc"]
+    assert {r["effective"] for r in vmx_wc} == {"WC"}
