@@ -417,7 +417,7 @@ def memtype_cmd(
     guest PAT type, guest MTRR type); each is computed by the vendor plugin's
     own hooks (spec/memtype.md §5, §7, §9).
     """
-    from kvmmu.memtype_matrix import memtype_matrix, plot_matrix
+    from kvmmu.memtype_matrix import MATRIX_KEYS, memtype_matrix, plot_matrix
 
     rows = memtype_matrix(vendors or ("vmx", "svm"), list(eras) or None)
     if plot:
@@ -426,19 +426,7 @@ def memtype_cmd(
         emit_json(rows)
         return
     t = Table(title=f"memory types ({len(rows)} rows)")
-    keys = [
-        "vendor",
-        "era",
-        "quirks",
-        "noncoherent_dma",
-        "guest_cr0_cd",
-        "slot_kind",
-        "guest_pat",
-        "guest_mtrr",
-        "spte_memtype",
-        "ipat",
-        "effective",
-    ]
+    keys = MATRIX_KEYS
     for k in keys:
         t.add_column(k)
     for r in rows:

@@ -297,13 +297,19 @@ class TdpBase:
             if not hit.size:
                 continue
             ents[hit] = _ZERO
-            span = S.KVM_PAGES_PER_HPAGE(level)
-            base = int(self.pool.gfn[idx]) + i0 * span
-            a = base + int(hit[0]) * span
-            b = base + (int(hit[-1]) + 1) * span
-            lo = a if lo < 0 else min(lo, a)
-            hi = max(hi, b)
+            lo, hi = self._widen_hull(lo, hi, idx, level, i0, hit)
         return None if lo < 0 else (lo, hi)
+
+    def _widen_hull(
+        self, lo: int, hi: int, idx: int, level: int, i0: int, hit: np.ndarray
+    ) -> tuple[int, int]:
+        """Widen ``[lo, hi)`` (``lo < 0``: empty) by the gfns of entries ``hit``
+        (indices from ``i0``) of table ``idx`` at ``level``."""
+        span = S.KVM_PAGES_PER_HPAGE(level)
+        base = int(self.pool.gfn[idx]) + i0 * span
+        a = base + int(hit[0]) * span
+        b = base + (int(hit[-1]) + 1) * span
+        return (a if lo < 0 else min(lo, a)), max(hi, b)
 
     def clear_bits_range(
         self, start: int, end: int, clear: int, min_level: int = 1, as_id: int | None = None
@@ -325,12 +331,7 @@ class TdpBase:
                 if not hit.size:
                     continue
                 ents[hit] &= ~mask
-                span = S.KVM_PAGES_PER_HPAGE(level)
-                base = int(self.pool.gfn[idx]) + i0 * span
-                a = base + int(hit[0]) * span
-                b = base + (int(hit[-1]) + 1) * span
-                lo = a if lo < 0 else min(lo, a)
-                hi = max(hi, b)
+                lo, hi = self._widen_hull(lo, hi, idx, level, i0, hit)
         return None if lo < 0 else (lo, hi)
 
     def split_huge_pages_range(
