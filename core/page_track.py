@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+import numpy as np
 from kvmmu.errors import KvmError, PluginError
 
 if TYPE_CHECKING:
@@ -89,17 +90,30 @@ class PageTrack:
 
     def is_write_tracked(self, slot: Memslot | None, gfn: int) -> bool:
         """``kvm_gfn_is_write_tracked``: slot, tracking enabled, counter non-zero."""
-        if slot is None:
-            return False
-        track = slot.gfn_write_track
-        return track is not None and bool(track[gfn - slot.base_gfn])
+        return slot is not None and bool(slot.gfn_write_track[gfn - slot.base_gfn])
 
     def count(self, gfn: int) -> int:
         """The write-track counter of ``gfn`` (0 outside every slot)."""
         slot = self.vm.memslots.gfn_to_memslot(gfn)
-        if slot is None or slot.gfn_write_track is None:
-            return 0
-        return int(slot.gfn_write_track[gfn - slot.base_gfn])
+        return 0 if slot is None else int(slot.gfn_write_track[gfn - slot.base_gfn])
+
+    def check_invariants(self) -> list[str]:
+        """Every tracked gfn is disallowed at every huge level (spec/kvm-mmu.md §2.3 item 3)."""
+        out: list[str] = []
+        for slot in self.vm.memslots.all_slots():
+            tracked = np.flatnonzero(slot.gfn_write_track).astype(np.int64) + slot.base_gfn
+            if not tracked.size:
+                continue
+            for level, counts in slot.lpage_info.items():
+                shift = 9 * (level - 1)
+                idx = (tracked >> shift) - (slot.base_gfn >> shift)  # lpage_idx, vectorised
+                bad = tracked[counts[idx] <= 0]
+                if bad.size:
+                    out.append(
+                        f"page_track: slot {slot.id}: tracked gfn {int(bad[0]):#x} has a "
+                        f"level-{level} disallow count of 0"
+                    )
+        return out
 
     def track_write(self, gpa: int, new: bytes) -> None:
         """``kvm_page_track_write``: notifiers newest first, then the shadow MMU.

@@ -318,25 +318,8 @@ class VM:
         """Return every violated invariant (core, MMU, then plugins)."""
         self.stats["invariant_checks"] += 1
         out: list[str] = list(self.mmu.check_invariants())
-        out.extend(self._check_page_track())
+        out.extend(self.page_track.check_invariants())
         out.extend(self.hooks.check_invariants())
-        return out
-
-    def _check_page_track(self) -> list[str]:
-        out: list[str] = []
-        for slot in self.memslots.all_slots():
-            if slot.gfn_write_track is None:
-                continue
-            tracked = np.nonzero(slot.gfn_write_track)[0]
-            for level, counts in slot.lpage_info.items():
-                if len(tracked) == 0:
-                    break
-                idx = np.asarray([slot.lpage_idx(slot.base_gfn + int(i), level) for i in tracked])
-                if np.any(counts[idx] <= 0):
-                    out.append(
-                        f"page_track: slot {slot.id} has a tracked gfn whose level-{level} "
-                        "disallow count is 0"
-                    )
         return out
 
     def note_memtype(self, gpa: int, memtype: Any, spte: int) -> None:

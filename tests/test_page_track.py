@@ -243,3 +243,12 @@ def test_kvmgt_style_veto_of_move_changes_nothing() -> None:
         vm.set_user_memory_region(0, 0, 64 << 20, 16 << 20, RAM_HVA)
     assert vm.memslots.generation == gen
     assert vm.slot_of(0) is not None and vm.slot_of(64 << 20) is None
+
+
+def test_invariant_catches_a_tracked_gfn_left_huge_mappable() -> None:
+    vm = make_vm()
+    vm.write_track_add_gfn(0x200)
+    assert vm.check_invariants() == []
+    slot = vm.slot_of(0x200000)
+    slot.lpage_info[2][slot.lpage_idx(0x200, 2)] = 0  # break the disallow count behind KVM's back
+    assert any("disallow count of 0" in v for v in vm.check_invariants())
