@@ -2,32 +2,47 @@
 
 For every (vendor, era, disabled quirks, noncoherent DMA, guest CR0.CD, slot
 kind, guest PAT type, guest MTRR type) the matrix gives the SPTE memtype and
-IPAT the vendor's ``get_mt_mask`` produces and the effective type of the
-access. Every cell is computed by calling the vendor plugin's own hooks
-(``kvmmu_get_mt_mask``, ``kvmmu_effective_memtype``) on a VM view, one per
-(vendor, era, quirks, noncoherent DMA, CR0.CD) combination; the plugin is
-found through the ``kvmmu.vendors`` entry points, like any VM's vendor.
+IPAT of the leaf SPTE and the effective type of the access. Every cell is a
+real guest read through the model: one :class:`kvmmu.VM` per (vendor, era,
+quirks, noncoherent DMA, CR0.CD) combination, with a RAM memslot and a host
+MMIO BAR memslot (host mapping UC, as a BAR ``ioremap``ed UC by the host), the
+guest's long-mode page tables in its own memory, its PAT MSR and its MTRRs
+programmed through ``vcpu.set_msr`` before the first access, CR0 through
+``vcpu.set_sregs`` and noncoherent DMA through
+``vm.register_noncoherent_dma()``. ``spte_memtype``/``ipat`` are EPT leaf
+bits 5:3 and 6 (``VMX_EPT_MT_EPTE_SHIFT``, ``VMX_EPT_IPAT_BIT``,
+``arch/x86/include/asm/vmx.h``; SDM Vol 3C §29.3.7 "EPT and Memory Typing");
+``effective`` is ``AccessResult.memtype`` (spec/memtype.md §5, §7, §9).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kvmmu.config import VMConfig
 from kvmmu.era import NEWEST, KernelVersion, era_of
 from kvmmu.errors import KvmError
+from kvmmu.guest_pt import GuestPageTables
 from kvmmu.memtype import (
+    CR0_CD,
+    MSR_IA32_CR_PAT,
     MSR_MTRR_DEF_TYPE,
     MTRR_DEF_TYPE_E,
-    PAT_DEFAULT,
     MemType,
-    MtrrState,
     make_pat,
+    mtrr_physbase,
+    mtrr_physmask,
+    pat_entries,
 )
+from kvmmu.plugin_host import load_plugin_class
 from kvmmu.quirks import QUIRKS
+
+if TYPE_CHECKING:
+    from kvmmu.vcpu import VCpu
+    from kvmmu.vm import VM
 
 __all__ = ["MATRIX_KEYS", "MATRIX_MTRR_TYPES", "memtype_matrix", "plot_matrix"]
 
@@ -47,63 +62,50 @@ MATRIX_KEYS = (
 )
 #: Guest MTRR types swept (MTRR encodings only; UC- is PAT-only).
 MATRIX_MTRR_TYPES = (MemType.UC, MemType.WC, MemType.WT, MemType.WP, MemType.WB)
-_CR0_PE_PG = (1 << 31) | (1 << 4) | 1
-_CR0_CD = 1 << 30
-_RAM_HPA = 0x1_0000_0000
+
+# Guest-physical layout of a matrix VM. Each guest MTRR type owns a 64 KiB
+# region in each slot, covered by one variable MTRR (WB is the default type
+# and needs none: 4 types x 2 slots = KVM_NR_VAR_MTRR ranges); each region
+# holds one 4 KiB page per guest PAT type. Guest virtual = guest physical.
+_REGION = 0x1_0000
+_RAM_SLOT, _RAM_HVA, _RAM_SIZE = 0, 0x7F00_0000_0000, 4 << 20
+_PT_GPA, _PT_SIZE = 0x10_0000, 0x1_0000
+_RAM_TEST_GPA = 0x20_0000
+_MMIO_SLOT, _MMIO_HVA, _MMIO_GPA = 1, 0x7E00_0000_0000, 0xC000_0000
+_MMIO_SIZE = _REGION * len(MATRIX_MTRR_TYPES)
+#: The host BAR: below 4 GiB, mapped UC by the host (the host MTRR type the
+#: rows have always assumed for MMIO; spec/memtype.md §7 "MMIO is always UC").
 _MMIO_HPA = 0xFE00_0000
-_GFN = 0x10
+_MMIO_HOST_TYPE = MemType.UC
+#: The guest PAT MSR: every PAT type in some entry (PA0..PA5; PA6/PA7 keep
+#: the reset UC-/UC). SDM Vol 3A §11.12.3, Table 11-11.
+_GUEST_PAT = make_pat(MemType.WB, MemType.WC, MemType.UC_MINUS, MemType.UC, MemType.WT, MemType.WP)
+_PAT_INDEX = {t: pat_entries(_GUEST_PAT).index(t) for t in MemType}
+_MTRR_V = 1 << 11
 
 
-@dataclass
-class _Config:
-    vendor: str
-    era: str
-    tdp: bool = True
-    host_self_snoop: bool = True
-    host_maxphyaddr: int = 46
+@dataclass(frozen=True)
+class _Cell:
+    """One page of a matrix VM: its slot kind, guest PAT type and guest MTRR type."""
+
+    slot: str
+    pat: MemType
+    mtrr: MemType
+
+    @property
+    def gva(self) -> int:
+        """Guest virtual = guest physical address of the page."""
+        base = _RAM_TEST_GPA if self.slot == "RAM" else _MMIO_GPA
+        return base + MATRIX_MTRR_TYPES.index(self.mtrr) * _REGION + _PAT_INDEX[self.pat] * 4096
 
 
-@dataclass
-class _Vcpu:
-    index: int = 0
-    cr0: int = _CR0_PE_PG
-    pat: int = PAT_DEFAULT
-    mtrr: MtrrState = field(default_factory=MtrrState)
-
-
-class _Host:
-    """Host RAM is WB; the MMIO BAR is UC in the host MTRRs."""
-
-    def memtype_of(self, hpa: int) -> MemType:
-        return MemType.UC if hpa == _MMIO_HPA else MemType.WB
-
-
-class _MatrixVM:
-    """The narrow VM view (``kvmmu.memtype.MemtypeVM``) the vendor hooks read.
-
-    Zaps are irrelevant to a single access and are dropped.
-    """
-
-    def __init__(self, config: _Config, quirks: int, noncoherent: bool) -> None:
-        self.config = config
-        self.era = KernelVersion(config.era)
-        self.quirks = quirks
-        self.noncoherent_dma_count = int(noncoherent)
-        self.vcpus = [_Vcpu()]
-        self.host = _Host()
-
-    def has_quirk(self, bit: int) -> bool:
-        return bool(self.quirks & bit)
-
-    def zap_gfn_range(self, start: int, end: int) -> None:
-        return None
-
-
-def _vendor_class(name: str) -> Any:
-    for ep in entry_points(group="kvmmu.vendors"):
-        if ep.name == name:
-            return ep.load()
-    raise KeyError(f"no vendor plugin {name!r} in the kvmmu.vendors entry points")
+#: Every cell of a combination, in row order: slot, then guest MTRR, then guest PAT.
+_CELLS = tuple(
+    _Cell(slot, pat, mtrr)
+    for slot in ("RAM", "MMIO")
+    for mtrr in MATRIX_MTRR_TYPES
+    for pat in MemType
+)
 
 
 def _quirk_sets(era: KernelVersion) -> list[tuple[str, ...]]:
@@ -116,13 +118,59 @@ def _quirk_sets(era: KernelVersion) -> list[tuple[str, ...]]:
     return out
 
 
-def _quirk_mask(disabled: Iterable[str]) -> int:
-    mask = 0
-    for bit, _ in QUIRKS.values():
-        mask |= bit
-    for name in disabled:
-        mask &= ~QUIRKS[name][0]
-    return mask
+def _matrix_vm(
+    vendor: str,
+    era: KernelVersion,
+    disabled: tuple[str, ...],
+    *,
+    noncoherent: bool,
+    cd: bool,
+    host_self_snoop: bool,
+    tdp: bool,
+) -> tuple[VM, VCpu]:
+    """A VM set up the way a guest and its VMM would, before its first access.
+
+    Userspace: RAM and BAR memslots, ``KVM_CAP_DISABLE_QUIRKS2`` (the VM
+    refuses a quirk set the kernel does not support, with EINVAL), noncoherent
+    DMA (a KVM-VFIO device without snoop control, spec/memtype.md §11.1).
+    Guest: page tables, ``WRMSR IA32_PAT``, the MTRRs (variable ranges, then
+    ``MTRR_DEF_TYPE`` with E set and default type WB), then CR0 (PG, and CD
+    as the combination asks).
+    """
+    from kvmmu.vm import VM
+
+    config = VMConfig(
+        vendor=vendor,
+        era=str(era),
+        tdp=tdp,
+        host_self_snoop=host_self_snoop,
+        quirks=dict.fromkeys(disabled, False),
+    )
+    vm = VM(config)
+    vm.host.mmap_anon(_RAM_HVA, _RAM_SIZE)
+    vm.set_user_memory_region(_RAM_SLOT, 0, 0, _RAM_SIZE, _RAM_HVA)
+    vm.host.map_mmio(_MMIO_HVA, _MMIO_SIZE, hpa=_MMIO_HPA, memtype=_MMIO_HOST_TYPE)
+    vm.set_user_memory_region(_MMIO_SLOT, 0, _MMIO_GPA, _MMIO_SIZE, _MMIO_HVA)
+    pt = GuestPageTables(vm, _PT_GPA, _PT_SIZE)
+    for c in _CELLS:
+        pt.map(c.gva, c.gva, 4096, pat_index=_PAT_INDEX[c.pat])
+    vcpu = vm.vcpus[0]
+    vcpu.set_msr(MSR_IA32_CR_PAT, _GUEST_PAT)
+    addr_mask = (1 << config.host_maxphyaddr) - 1
+    n = 0
+    for i, mtrr in enumerate(MATRIX_MTRR_TYPES):
+        if mtrr is MemType.WB:
+            continue
+        for base in (_RAM_TEST_GPA, _MMIO_GPA):
+            vcpu.set_msr(mtrr_physbase(n), base + i * _REGION | int(mtrr))
+            vcpu.set_msr(mtrr_physmask(n), (addr_mask & ~(_REGION - 1)) | _MTRR_V)
+            n += 1
+    vcpu.set_msr(MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_E | int(MemType.WB))
+    if noncoherent:
+        vm.register_noncoherent_dma()
+    sregs = pt.long_mode_sregs()
+    vcpu.set_sregs(**{**sregs, "cr0": sregs["cr0"] | (CR0_CD if cd else 0)})
+    return vm, vcpu
 
 
 def memtype_matrix(
@@ -132,12 +180,12 @@ def memtype_matrix(
     host_self_snoop: bool = True,
     tdp: bool = True,
 ) -> list[dict[str, Any]]:
-    """Compute the memory-type matrix as a list of rows.
+    """Compute the memory-type matrix as a list of rows, from real guest reads.
 
     ``eras`` are any kernel versions (default: each vendor's era boundaries,
     its plugin's ``ERAS``); a row names the era by its first version. Quirk
-    sets a kernel refuses (``IGNORE_GUEST_PAT`` without self-snoop on VMX)
-    are left out. Row keys are :data:`MATRIX_KEYS`: ``quirks`` is
+    sets a kernel refuses (``IGNORE_GUEST_PAT`` without self-snoop on VMX
+    6.16+) are left out. Row keys are :data:`MATRIX_KEYS`: ``quirks`` is
     ``"default"`` or the comma-joined disabled quirk names; memory types are
     written ``"UC"``, ``"WC"``, ``"WT"``, ``"WP"``, ``"WB"``, ``"UC-"``;
     ``spte_memtype`` and ``ipat`` are ``None`` for SPTE formats without a
@@ -145,25 +193,26 @@ def memtype_matrix(
     """
     rows: list[dict[str, Any]] = []
     for vendor in vendors:
-        cls = _vendor_class(vendor)
+        cls = load_plugin_class(vendor, "vendor")
         firsts: Sequence[str] = getattr(cls, "ERAS", (str(NEWEST),))
-        chosen = list(eras) if eras else list(firsts)
-        model = cls.kvmmu_config_model()
-        for version in chosen:
+        for version in list(eras) if eras else list(firsts):
             era = KernelVersion(version)
             era_name = era_of(era, firsts)
             for disabled in _quirk_sets(era):
                 for noncoh in (False, True):
                     for cd in (False, True):
-                        config = _Config(vendor, str(era), tdp, host_self_snoop)
-                        vm = _MatrixVM(config, _quirk_mask(disabled), noncoh)
                         try:
-                            plugin = cls(vm, model() if model is not None else None)
+                            vm, vcpu = _matrix_vm(
+                                vendor,
+                                era,
+                                disabled,
+                                noncoherent=noncoh,
+                                cd=cd,
+                                host_self_snoop=host_self_snoop,
+                                tdp=tdp,
+                            )
                         except KvmError:
                             break
-                        vcpu = vm.vcpus[0]
-                        vcpu.cr0 = _CR0_PE_PG | (_CR0_CD if cd else 0)
-                        ept = plugin.kvmmu_spte_format(vm).name == "ept"
                         head = {
                             "vendor": vendor,
                             "era": era_name,
@@ -171,35 +220,31 @@ def memtype_matrix(
                             "noncoherent_dma": noncoh,
                             "guest_cr0_cd": cd,
                         }
-                        rows += _cells(plugin, vm, vcpu, head, ept=ept)
+                        rows += _cells(vm, vcpu, head)
+                        vm.destroy()
     return rows
 
 
-def _cells(
-    plugin: Any, vm: _MatrixVM, vcpu: _Vcpu, head: dict[str, Any], *, ept: bool
-) -> list[dict[str, Any]]:
+def _cells(vm: VM, vcpu: VCpu, head: dict[str, Any]) -> list[dict[str, Any]]:
+    """One guest read per cell; the leaf SPTE and effective type it reached."""
+    ept = vm.spte_format.name == "ept"
     out = []
-    for slot, hpa in (("RAM", _RAM_HPA), ("MMIO", _MMIO_HPA)):
-        for mtrr in MATRIX_MTRR_TYPES:
-            vcpu.mtrr.set_msr(MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_E | int(mtrr))
-            bits = plugin.kvmmu_get_mt_mask(vm, vcpu, _GFN, slot == "MMIO")
-            spte = bits or 0
-            spte_mt = MemType((spte >> 3) & 7).label if ept else None
-            ipat = bool(spte & (1 << 6)) if ept else None
-            for pat in MemType:
-                vcpu.pat = make_pat(pat)
-                eff = plugin.kvmmu_effective_memtype(vm, vcpu, spte, pat, hpa)
-                out.append(
-                    {
-                        **head,
-                        "slot_kind": slot,
-                        "guest_pat": pat.label,
-                        "guest_mtrr": mtrr.label,
-                        "spte_memtype": spte_mt,
-                        "ipat": ipat,
-                        "effective": MemType(eff).label,
-                    }
-                )
+    for c in _CELLS:
+        r = vcpu.access(c.gva, "read")
+        if r.fault is not None or r.spte is None or r.memtype is None:
+            raise RuntimeError(f"matrix read of {c} did not reach memory: {r}")
+        spte = r.spte
+        out.append(
+            {
+                **head,
+                "slot_kind": c.slot,
+                "guest_pat": c.pat.label,
+                "guest_mtrr": c.mtrr.label,
+                "spte_memtype": MemType((spte >> 3) & 7).label if ept else None,
+                "ipat": bool(spte & (1 << 6)) if ept else None,
+                "effective": MemType(r.memtype).label,
+            }
+        )
     return out
 
 
