@@ -11,7 +11,10 @@ MMU can observe:
 * **Populated pages**: an hva page gets a host pfn on first touch
   (:meth:`HostMemory.hva_to_pfn`).  A huge-page VMA allocates a whole naturally
   aligned, physically contiguous block, so :meth:`HostMemory.host_mapping_level`
-  is real (spec/kvm-mmu.md §3.6 ``host_pfn_mapping_level``).
+  is real (spec/kvm-mmu.md §3.6 ``host_pfn_mapping_level``).  Such a VMA
+  keeps its block base pfns in one numpy array (``Vma.blocks``, -1 = not
+  populated as a block), so a range of blocks is faulted in with one pfn
+  run and one array assignment (:meth:`HostMemory.fault_in_blocks`).
 * **Bytes**: page contents are materialised (a 4 KiB ``bytearray`` per pfn)
   only when written; an untouched page reads as zeros without allocating.
 * **MMU notifiers** (``include/linux/mmu_notifier.h``): every invalidation calls
@@ -127,10 +130,23 @@ class Vma:
     mmio: bool = False
     memtype: MemType = MemType.WB
     hpa: int = 0
+    #: Huge-page anonymous VMAs: base pfn of each naturally aligned block the
+    #: VMA overlaps (index 0 = the block holding ``start``), -1 = not mapped
+    #: by a block leaf. ``None`` for 4K and MMIO VMAs.
+    blocks: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
         return self.end - self.start
+
+    @property
+    def first_block(self) -> int:
+        """Absolute number (hva page >> 9*(level-1)) of the block holding ``start``."""
+        return (self.start >> PAGE_SHIFT) >> (9 * (self.page_level - 1))
+
+    def block_index(self, hva_page: int) -> int:
+        """Index into :attr:`blocks` of the block holding ``hva_page``."""
+        return (hva_page >> (9 * (self.page_level - 1))) - self.first_block
 
     def contains(self, hva: int) -> bool:
         return self.start <= hva < self.end
@@ -145,16 +161,6 @@ class HostStats:
     pfn_allocations: int = 0
     pages_reclaimed: int = 0
     stale_writes: int = 0
-
-
-@dataclass(eq=False)
-class _Block:
-    """A huge page mapped by one host PMD/PUD leaf: hva block start page, level, base pfn."""
-
-    hva_page: int
-    level: int
-    pfn: int
-    vma: Vma = field(repr=False)
 
 
 class HostMemory:
@@ -173,10 +179,13 @@ class HostMemory:
         self._next_pfn = self._ram_base_pfn
         self._vma_starts: list[int] = []
         self._vmas: list[Vma] = []
-        # populated mappings: 4K pages, and huge blocks keyed by their first hva page
+        # populated mappings: 4K pages here, huge blocks in their VMA's ``blocks``
         self._small: dict[int, int] = {}  # hva page -> pfn
-        self._blocks: dict[int, _Block] = {}  # block hva page -> block
-        self._live: dict[int, int] = {}  # live RAM pfn (4K or block base) -> hva page
+        self._live: dict[int, int] = {}  # live 4K RAM pfn -> hva page
+        # Block pfn runs ever handed out, by first pfn: (hva page, blocks, level).
+        # pfns are never reused, so a run maps a block pfn back to its hva.
+        self._run_pfns: list[int] = []
+        self._runs: list[tuple[int, int, int]] = []
         self._pages: dict[int, bytearray] = {}  # pfn -> bytes (RAM and MMIO)
         self._swapped: dict[int, bytearray] = {}  # hva page -> contents while unbacked
         self._pin_count: dict[int, int] = {}  # pfn -> pins
@@ -224,7 +233,8 @@ class HostMemory:
         """
         align = KVM_HPAGE_SIZE(page_level)
         self._check_range("mmap_anon", hva, size, align)
-        return self._insert_vma(Vma(hva, hva + size, page_level, writable, False, MemType.WB))
+        vma = Vma(hva, hva + size, page_level, writable, False, MemType.WB)
+        return self._insert_vma(_with_blocks(vma, None))
 
     def map_mmio(
         self, hva: int, size: int, *, hpa: int, memtype: int | MemType, writable: bool = True
@@ -304,7 +314,7 @@ class HostMemory:
                     piece = Vma(lo, hi, v.page_level, v.writable, v.mmio, v.memtype, v.hpa)
                     if v.mmio:
                         piece.hpa = v.hpa + (lo - v.start)
-                    self._insert_vma(piece)
+                    self._insert_vma(_with_blocks(piece, v))
         self.invalidate_range_end(hva, end)
 
     # ------------------------------------------------------------------- GUP
@@ -325,16 +335,44 @@ class HostMemory:
         if data is not None:
             self._pages[pfn] = data
 
-    def _lookup(self, hva_page: int) -> int | None:
+    def _lookup(self, hva_page: int, vma: Vma | None) -> int | None:
         pfn = self._small.get(hva_page)
         if pfn is not None:
             return pfn
-        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-            n = KVM_PAGES_PER_HPAGE(level)
-            blk = self._blocks.get(hva_page & ~(n - 1))
-            if blk is not None and blk.level == level:
-                return blk.pfn + (hva_page & (n - 1))
+        if vma is not None and vma.blocks is not None:
+            base = int(vma.blocks[vma.block_index(hva_page)])
+            if base >= 0:
+                return base + (hva_page & (KVM_PAGES_PER_HPAGE(vma.page_level) - 1))
         return None
+
+    def _add_run(self, pfn: int, hva_page: int, nblocks: int, level: int) -> None:
+        """Record blocks ``pfn..`` given to ``hva_page..`` (merged with the last run)."""
+        n = KVM_PAGES_PER_HPAGE(level)
+        if self._runs:
+            hp, nb, lv = self._runs[-1]
+            last = self._run_pfns[-1]
+            if lv == level and last + nb * n == pfn and hp + nb * n == hva_page:
+                self._runs[-1] = (hp, nb + nblocks, lv)
+                return
+        self._run_pfns.append(pfn)
+        self._runs.append((hva_page, nblocks, level))
+
+    def _block_is_live(self, pfn: int) -> bool:
+        """Whether ``pfn`` lies in a block some VMA still maps (by its run)."""
+        i = bisect.bisect_right(self._run_pfns, pfn) - 1
+        if i < 0:
+            return False
+        first = self._run_pfns[i]
+        hva_page, nblocks, level = self._runs[i]
+        n = KVM_PAGES_PER_HPAGE(level)
+        if pfn >= first + nblocks * n:
+            return False
+        base = pfn & ~(n - 1)
+        page = hva_page + (base - first)
+        vma = self.find_vma(page << PAGE_SHIFT)
+        if vma is None or vma.blocks is None or vma.page_level != level:
+            return False
+        return int(vma.blocks[vma.block_index(page)]) == base
 
     def hva_to_pfn(self, hva: int, *, write: bool) -> int:
         """GUP: the host pfn backing ``hva``, faulting it in on first touch.
@@ -356,7 +394,7 @@ class HostMemory:
             )
         if vma.mmio:
             return (vma.hpa + (hva - vma.start)) >> PAGE_SHIFT
-        pfn = self._lookup(page)
+        pfn = self._lookup(page, vma)
         if pfn is not None:
             return pfn
         return self._fault_in(vma, page)
@@ -378,18 +416,21 @@ class HostMemory:
         end = page + npages
         off = 0
         while page < end:
+            vma = self.find_vma(page << PAGE_SHIFT)
+            if vma is not None and vma.blocks is not None and (vma.writable or not write):
+                n = self._range_from_blocks(vma, page, end, out[off:])
+                if n:
+                    off += n
+                    page += n
+                    continue
             pfn = self.hva_to_pfn(page << PAGE_SHIFT, write=write)
             n = 1
-            vma = self.find_vma(page << PAGE_SHIFT)
             if vma is not None and vma.mmio:
                 n = min(end, vma.end >> PAGE_SHIFT) - page
-            elif page not in self._small:
-                for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-                    size = KVM_PAGES_PER_HPAGE(level)
-                    blk = self._blocks.get(page & ~(size - 1))
-                    if blk is not None and blk.level == level:
-                        n = min(end, (page & ~(size - 1)) + size) - page
-                        break
+            elif vma is not None and vma.blocks is not None and page not in self._small:
+                size = KVM_PAGES_PER_HPAGE(vma.page_level)
+                if int(vma.blocks[vma.block_index(page)]) >= 0:
+                    n = min(end, (page & ~(size - 1)) + size) - page
             if n == 1:
                 out[off] = pfn
             else:
@@ -398,16 +439,105 @@ class HostMemory:
             page += n
         return out
 
+    def _range_from_blocks(self, vma: Vma, page: int, end: int, out: np.ndarray) -> int:
+        """The pfns of the leading pages of ``[page, end)`` that whole blocks of
+        ``vma`` back, faulting the blocks in (:meth:`fault_in_blocks`); how many."""
+        s = 9 * (vma.page_level - 1)
+        n = 1 << s
+        lo = vma.block_index(page)
+        hi = vma.block_index(min(end, vma.end >> PAGE_SHIFT) - 1) + 1
+        got = self._fault_in_blocks(vma, lo, hi)
+        if got == 0:
+            return 0
+        stop = min(end, (vma.first_block + lo + got) << s)
+        pages = np.arange(page, stop, dtype=np.int64)
+        base = vma.blocks[(pages >> s) - vma.first_block] if vma.blocks is not None else pages
+        out[: stop - page] = base + (pages & (n - 1))
+        return stop - page
+
+    def fault_in_blocks(self, hva: int, nblocks: int, *, write: bool) -> np.ndarray:
+        """GUP of whole huge blocks: the base pfns of ``nblocks`` blocks from ``hva``.
+
+        ``hva`` must start a block of a huge-page VMA. The result equals
+        :meth:`hva_to_pfn` of each block's pages in order (same pfns, same
+        stats): unpopulated blocks get one contiguous, naturally aligned pfn
+        run (``_alloc_pfns`` of each in turn) and one array assignment. It
+        covers only the leading blocks that can be mapped whole (inside the
+        VMA, no 4K pages left from a split, RAM left); the caller takes the
+        rest page by page, which reports any error. Returns ``int64``.
+        """
+        vma = self.find_vma(hva)
+        if vma is None or vma.blocks is None or (write and not vma.writable):
+            return np.empty(0, dtype=np.int64)
+        s = 9 * (vma.page_level - 1)
+        if (hva >> PAGE_SHIFT) & ((1 << s) - 1):
+            raise ValueError(f"fault_in_blocks: hva {hva:#x} does not start a block")
+        lo = vma.block_index(hva >> PAGE_SHIFT)
+        got = self._fault_in_blocks(vma, lo, lo + nblocks)
+        return vma.blocks[lo : lo + got].copy()
+
+    def _fault_in_blocks(self, vma: Vma, lo: int, hi: int) -> int:
+        """``_fault_in`` of blocks ``[lo, hi)`` of ``vma`` at once; leading blocks done."""
+        blocks = vma.blocks
+        if blocks is None:
+            return 0
+        level = vma.page_level
+        s = 9 * (level - 1)
+        n = 1 << s
+        first = vma.first_block
+        # only blocks wholly inside the VMA are mapped whole (``_fault_in`` fits)
+        if lo < (0 if (vma.start >> PAGE_SHIFT) & (n - 1) == 0 else 1):
+            return 0
+        hi = min(hi, ((vma.end >> PAGE_SHIFT) >> s) - first)
+        if hi <= lo:
+            return 0
+        seg = blocks[lo:hi]
+        missing = np.flatnonzero(seg < 0)
+        if missing.size and self._small:
+            # a block with 4K pages left from a split refaults at 4K: stop there
+            for page in sorted(self._small_in((first + lo) << s, (first + hi) << s)):
+                b = (page >> s) - first - lo
+                if seg[b] < 0:
+                    hi = lo + b
+                    seg = blocks[lo:hi]
+                    missing = missing[missing < b]
+                    break
+        k = int(missing.size)
+        pfn = (self._next_pfn + n - 1) & ~(n - 1)
+        if k:
+            fit = max(0, (self._ram_limit_pfn - pfn) // n)
+            if fit < k:  # RAM runs out: the page path raises ENOMEM at the next one
+                hi = lo + int(missing[fit])
+                missing = missing[:fit]
+                k = fit
+        if k:
+            bases = np.arange(pfn, pfn + k * n, n, dtype=np.int64)
+            seg[missing] = bases
+            self._next_pfn = pfn + k * n
+            self.stats.pfn_allocations += k * n
+            self.stats.pages_populated += k * n
+            cuts = np.flatnonzero(np.diff(missing) != 1) + 1
+            starts = [0, *cuts.tolist()]
+            ends = [*cuts.tolist(), k]
+            for a, b in zip(starts, ends, strict=True):
+                self._add_run(pfn + a * n, (first + lo + int(missing[a])) << s, b - a, level)
+            if self._swapped:
+                for hp in _keys_in(self._swapped, (first + lo) << s, (first + hi) << s):
+                    base = int(blocks[(hp >> s) - first])
+                    if base >= 0 and base >= pfn:
+                        self._restore(hp, base + (hp & (n - 1)))
+        return hi - lo
+
     def _fault_in(self, vma: Vma, page: int) -> int:
         level = vma.page_level
-        if level > PG_LEVEL_4K:
+        if level > PG_LEVEL_4K and vma.blocks is not None:
             n = KVM_PAGES_PER_HPAGE(level)
             first = page & ~(n - 1)
             fits = vma.start <= first << PAGE_SHIFT and (first + n) << PAGE_SHIFT <= vma.end
             if fits and not self._small_in(first, first + n):
                 base = self._alloc_pfns(level)
-                self._blocks[first] = _Block(first, level, base, vma)
-                self._live[base] = first
+                vma.blocks[vma.block_index(first)] = base
+                self._add_run(base, first, 1, level)
                 for hp in _keys_in(self._swapped, first, first + n):
                     self._restore(hp, base + (hp - first))
                 return base + (page - first)
@@ -429,16 +559,14 @@ class HostMemory:
         page = hva >> PAGE_SHIFT
         if page in self._small:
             return PG_LEVEL_4K
-        for level in (PG_LEVEL_1G, PG_LEVEL_2M):
-            n = KVM_PAGES_PER_HPAGE(level)
-            blk = self._blocks.get(page & ~(n - 1))
-            if blk is not None and blk.level == level:
-                return level
+        vma = self.find_vma(hva)
+        if vma is not None and vma.blocks is not None and vma.blocks[vma.block_index(page)] >= 0:
+            return vma.page_level
         return PG_LEVEL_4K
 
     def is_populated(self, hva: int) -> bool:
         """Whether ``hva`` currently has a host pfn (without faulting it in)."""
-        return self._lookup(hva >> PAGE_SHIFT) is not None
+        return self._lookup(hva >> PAGE_SHIFT, self.find_vma(hva)) is not None
 
     # ------------------------------------------------------------- physical
     def is_ram_pfn(self, pfn: int) -> bool:
@@ -473,14 +601,7 @@ class HostMemory:
             return True
         if pfn in self._live or self._pin_count.get(pfn, 0) > 0:
             return True
-        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-            base = pfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
-            hva_page = self._live.get(base)
-            if hva_page is not None:
-                blk = self._blocks.get(hva_page)
-                if blk is not None and blk.level == level and blk.pfn == base:
-                    return True
-        return False
+        return self._block_is_live(pfn)
 
     def _page_for_write(self, pfn: int) -> bytearray:
         data = self._pages.get(pfn)
@@ -676,25 +797,28 @@ class HostMemory:
                 self._swapped[page] = data
         return 1
 
-    def _drop_block(self, blk: _Block, lo: int, hi: int, unmap: bool) -> int:
-        n = KVM_PAGES_PER_HPAGE(blk.level)
-        whole = lo == blk.hva_page and hi == blk.hva_page + n
+    def _drop_block(self, vma: Vma, bi: int, lo: int, hi: int, unmap: bool) -> int:
+        assert vma.blocks is not None
+        level = vma.page_level
+        n = KVM_PAGES_PER_HPAGE(level)
+        hva_page = (vma.first_block + bi) * n
+        base = int(vma.blocks[bi])
+        whole = lo == hva_page and hi == hva_page + n
         pinned: set[int] = set()
         if self._pin_count:
-            pinned = {i for i in range(n) if self._pin_count.get(blk.pfn + i, 0) > 0}
-        if blk.level == PG_LEVEL_1G and not unmap and (pinned or not whole):
+            pinned = {i for i in range(n) if self._pin_count.get(base + i, 0) > 0}
+        if level == PG_LEVEL_1G and not unmap and (pinned or not whole):
             return 0  # hugetlbfs pages are reclaimed whole, and never while pinned
-        del self._blocks[blk.hva_page]
-        del self._live[blk.pfn]
+        vma.blocks[bi] = -1
         if whole and not pinned:
-            for pfn in _keys_in(self._pages, blk.pfn, blk.pfn + n):
+            for pfn in _keys_in(self._pages, base, base + n):
                 data = self._pages.pop(pfn)
                 if not unmap:
-                    self._swapped[blk.hva_page + (pfn - blk.pfn)] = data
+                    self._swapped[hva_page + (pfn - base)] = data
             return n
         dropped = 0
         for i in range(n):
-            page, pfn = blk.hva_page + i, blk.pfn + i
+            page, pfn = hva_page + i, base + i
             if not lo <= page < hi or (i in pinned and not unmap):
                 # THP split: the page stays mapped at 4K with the same pfn
                 self._small[page] = pfn
@@ -711,16 +835,38 @@ class HostMemory:
         dropped = 0
         for page in self._small_in(first, end):
             dropped += self._drop_small(page, unmap)
-        for blk in list(self._blocks.values()):
-            n = KVM_PAGES_PER_HPAGE(blk.level)
-            if blk.hva_page < end and first < blk.hva_page + n:
-                lo, hi = max(first, blk.hva_page), min(end, blk.hva_page + n)
-                dropped += self._drop_block(blk, lo, hi, unmap)
+        for vma in list(self._vmas):
+            blocks = vma.blocks
+            if blocks is None or not (
+                vma.start >> PAGE_SHIFT < end and first < vma.end >> PAGE_SHIFT
+            ):
+                continue
+            s = 9 * (vma.page_level - 1)
+            n = 1 << s
+            b_lo = max(0, (first >> s) - vma.first_block)
+            b_hi = min(blocks.shape[0], ((end - 1) >> s) + 1 - vma.first_block)
+            for bi in (np.flatnonzero(blocks[b_lo:b_hi] >= 0) + b_lo).tolist():
+                hp = (vma.first_block + bi) << s
+                dropped += self._drop_block(vma, bi, max(first, hp), min(end, hp + n), unmap)
         if unmap:
             for page in _keys_in(self._swapped, first, end):
                 del self._swapped[page]
         self.stats.pages_reclaimed += dropped
         return dropped
+
+
+def _with_blocks(vma: Vma, parent: Vma | None) -> Vma:
+    """Give a huge-page anonymous ``vma`` its block array (a piece of ``parent``'s)."""
+    if vma.page_level == PG_LEVEL_4K or vma.mmio:
+        return vma
+    s = 9 * (vma.page_level - 1)
+    count = (((vma.end >> PAGE_SHIFT) - 1) >> s) + 1 - vma.first_block
+    if parent is None or parent.blocks is None:
+        vma.blocks = np.full(count, -1, dtype=np.int64)
+    else:
+        off = vma.first_block - parent.first_block
+        vma.blocks = parent.blocks[off : off + count].copy()
+    return vma
 
 
 def _keys_in(d: Mapping[int, object], first: int, end: int) -> list[int]:

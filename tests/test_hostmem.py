@@ -232,3 +232,77 @@ def test_hva_to_pfn_range_equals_page_by_page() -> None:
     assert a.hva_to_pfn_range(0x40000000, 0, write=False).size == 0
     with pytest.raises(KvmError):
         a.hva_to_pfn_range(0x80000000 + (255 << 12), 2, write=False)  # runs off the VMA
+
+
+def _host_state(h: HostMemory, hva: int, npages: int) -> tuple[list[int], list[int], list[int]]:
+    """Per-page pfn and host level, and the stats, without faulting anything in."""
+    pages = range(hva >> 12, (hva >> 12) + npages, 97)
+    pfns = [h._lookup(p, h.find_vma(p << 12)) or -1 for p in pages]
+    levels = [h.host_mapping_level(p << 12) for p in pages]
+    st = h.stats
+    return pfns, levels, [st.pages_populated, st.pfn_allocations, st.pages_reclaimed]
+
+
+@pytest.mark.parametrize("level", [2, 3])
+def test_fault_in_blocks_equals_page_by_page(level: int) -> None:
+    """One pfn run per range of blocks == hva_to_pfn block by block (pfns, stats, liveness)."""
+    blk = KVM_PAGES_PER_HPAGE(level) << 12
+    hva = 1 << 40
+    a, b = HostMemory(), HostMemory()
+    for h in (a, b):
+        h.mmap_anon(hva, 8 * blk, page_level=level)
+        h.hva_to_pfn(hva + 2 * blk + 0x5000, write=True)  # a block already present
+        h.write_phys(h.hva_to_pfn(hva + 5 * blk, write=True) << 12, b"swap")
+        h.invalidate_range(hva + 5 * blk, hva + 6 * blk)  # reclaimed whole: contents swapped
+    got = a.fault_in_blocks(hva, 8, write=False)
+    one = [b.hva_to_pfn(hva + i * blk, write=False) for i in range(8)]
+    assert got.tolist() == one
+    assert _host_state(a, hva, 8 * blk >> 12) == _host_state(b, hva, 8 * blk >> 12)
+    assert a.read_phys(int(got[5]) << 12, 4) == b"swap"
+    for h in (a, b):
+        h.invalidate_range(hva + 3 * blk, hva + 4 * blk)
+    assert [a.pfn_is_live(int(p) + 7) for p in got] == [b.pfn_is_live(p + 7) for p in one]
+    assert not a.pfn_is_live(int(got[3])) and a.pfn_is_live(int(got[4]))
+
+
+def test_fault_in_blocks_stops_at_split_block_and_vma_edge() -> None:
+    """A THP block split into 4K pages, or one cut by munmap, is left to the page path."""
+    hva = 1 << 40
+    a, b = HostMemory(), HostMemory()
+    for h in (a, b):
+        h.mmap_anon(hva, 8 * MB2, page_level=2)
+        h.hva_to_pfn(hva + 3 * MB2, write=True)
+        h.invalidate_range(hva + 3 * MB2, hva + 3 * MB2 + PAGE_SIZE)  # split: 511 4K pages
+        h.munmap(hva + 7 * MB2 + PAGE_SIZE, PAGE_SIZE)
+    got = a.fault_in_blocks(hva, 8, write=False)
+    assert len(got) == 3
+    bulk = a.hva_to_pfn_range(hva, 7 * 512 + 1, write=False)
+    one = [b.hva_to_pfn(hva + (i << 12), write=False) for i in range(7 * 512 + 1)]
+    assert bulk.tolist() == one
+    assert a.fault_in_blocks(hva + 4 * MB2, 4, write=False).size == 3  # up to the cut block
+    assert _host_state(a, hva, 8 * 512) == _host_state(b, hva, 8 * 512)
+    assert a.host_mapping_level(hva + 3 * MB2 + 0x2000) == 1
+    assert a.host_mapping_level(hva + 7 * MB2) == 1
+    with pytest.raises(ValueError, match="start a block"):
+        a.fault_in_blocks(hva + PAGE_SIZE, 1, write=False)
+    assert a.fault_in_blocks(0x10000, 1, write=False).size == 0  # no VMA
+
+
+def test_fault_in_blocks_out_of_ram_leaves_the_error_to_hva_to_pfn() -> None:
+    h = HostMemory(maxphyaddr=36)  # RAM window [4 GiB, 32 GiB): 28 1G pages
+    h.mmap_anon(1 << 40, 32 * GB, page_level=3)
+    got = h.fault_in_blocks(1 << 40, 32, write=False)
+    assert 0 < len(got) < 32 and h.stats.pfn_allocations == len(got) << 18
+    with pytest.raises(KvmError) as ei:
+        h.hva_to_pfn((1 << 40) + len(got) * GB, write=False)
+    assert ei.value.errno == errno.ENOMEM
+
+
+def test_munmap_piece_keeps_its_blocks() -> None:
+    h = HostMemory()
+    h.mmap_anon(1 << 40, 4 * MB2, page_level=2)
+    pfns = h.fault_in_blocks(1 << 40, 4, write=True)
+    h.munmap((1 << 40) + MB2, MB2)
+    assert h.hva_to_pfn((1 << 40) + 2 * MB2 + 0x1000, write=False) == int(pfns[2]) + 1
+    assert h.pfn_is_live(int(pfns[3])) and not h.pfn_is_live(int(pfns[1]))
+    assert h.host_mapping_level((1 << 40) + 3 * MB2) == 2
