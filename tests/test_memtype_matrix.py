@@ -153,3 +153,61 @@ def test_plot_matrix_writes_png(tmp_path: Path) -> None:
 def test_plot_matrix_refuses_empty(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         plot_matrix([], tmp_path / "m.png")
+
+
+def test_matrix_rows_are_real_guest_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "No toys": each row is one ``vcpu.access`` read through a real ``kvmmu.VM``."""
+    from kvmmu.vcpu import VCpu
+
+    calls: list[tuple[int, str]] = []
+    real = VCpu.access
+
+    def counting(self: VCpu, gva: int, kind: Any = "read", *a: Any, **kw: Any) -> Any:
+        calls.append((gva, kind))
+        return real(self, gva, kind, *a, **kw)
+
+    monkeypatch.setattr(VCpu, "access", counting)
+    out = memtype_matrix(("vmx", "svm"), ("6.16",))
+    assert len(calls) == len(out) and {k for _, k in calls} == {"read"}
+
+
+def test_matrix_3_13_noncoh_uses_guest_variable_mtrr(rows: list[dict[str, Any]]) -> None:
+    """memtype.md §7 row 3.13: noncoherent DMA -> guest MTRR type without IPAT;
+    guest UC- over MTRR WC is WC (SDM Table 11-7)."""
+    c = _cell(
+        rows,
+        vendor="vmx",
+        era="3.13",
+        quirks="default",
+        noncoherent_dma=True,
+        guest_cr0_cd=True,
+        slot_kind="RAM",
+        guest_pat="UC-",
+        guest_mtrr="WC",
+    )
+    assert (c["spte_memtype"], c["ipat"], c["effective"]) == ("WC", False, "WC")
+
+
+def test_matrix_6_11_without_self_snoop_is_wb_ipat() -> None:
+    """memtype.md §7 row 6.11: WB|IPAT only when the CPU lacks self-snoop."""
+    out = memtype_matrix(("vmx",), ("6.11",), host_self_snoop=False)
+    coherent_ram = [r for r in out if r["slot_kind"] == "RAM" and not r["noncoherent_dma"]]
+    assert {(r["spte_memtype"], r["ipat"], r["effective"]) for r in coherent_ram} == {
+        ("WB", True, "WB")
+    }
+
+
+def test_matrix_shadow_paging_has_host_types_only() -> None:
+    """Shadow SPTEs select host PAT0 (WB): RAM is WB, the UC BAR is UC (kvm-mmu.md §4.2)."""
+    out = memtype_matrix(("vmx", "svm"), ("6.8",), tdp=False)
+    assert {(r["spte_memtype"], r["ipat"]) for r in out} == {(None, None)}
+    vmx = [r for r in out if r["vendor"] == "vmx"]
+    assert {r["effective"] for r in vmx if r["slot_kind"] == "RAM"} == {"WB"}
+    assert {r["effective"] for r in vmx if r["slot_kind"] == "MMIO"} == {"UC"}
+
+
+def test_matrix_unknown_vendor_is_a_config_error() -> None:
+    from kvmmu.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        memtype_matrix(("nosuch",))
