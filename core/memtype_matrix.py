@@ -11,7 +11,7 @@ programmed through ``vcpu.set_msr`` before the first access, CR0 through
 ``vcpu.set_sregs`` and noncoherent DMA through
 ``vm.register_noncoherent_dma()``. ``spte_memtype``/``ipat`` are EPT leaf
 bits 5:3 and 6 (``VMX_EPT_MT_EPTE_SHIFT``, ``VMX_EPT_IPAT_BIT``,
-``arch/x86/include/asm/vmx.h``; SDM Vol 3C §29.3.7 "EPT and Memory Typing");
+``arch/x86/include/asm/vmx.h``; SDM Vol 3B §24.2.5, "EPT and Memory Typing");
 ``effective`` is ``AccessResult.memtype`` (spec/memtype.md §5, §7, §9).
 """
 
@@ -127,7 +127,7 @@ def _matrix_vm(
     cd: bool,
     host_self_snoop: bool,
     tdp: bool,
-) -> tuple[VM, VCpu]:
+) -> tuple[VM, VCpu] | None:
     """A VM set up the way a guest and its VMM would, before its first access.
 
     Userspace: RAM and BAR memslots, ``KVM_CAP_DISABLE_QUIRKS2`` (the VM
@@ -135,7 +135,7 @@ def _matrix_vm(
     DMA (a KVM-VFIO device without snoop control, spec/memtype.md §11.1).
     Guest: page tables, ``WRMSR IA32_PAT``, the MTRRs (variable ranges, then
     ``MTRR_DEF_TYPE`` with E set and default type WB), then CR0 (PG, and CD
-    as the combination asks).
+    as the combination asks). ``None`` when the kernel refuses the quirk set.
     """
     from kvmmu.vm import VM
 
@@ -146,7 +146,10 @@ def _matrix_vm(
         host_self_snoop=host_self_snoop,
         quirks=dict.fromkeys(disabled, False),
     )
-    vm = VM(config)
+    try:
+        vm = VM(config)
+    except KvmError:
+        return None
     vm.host.mmap_anon(_RAM_HVA, _RAM_SIZE)
     vm.set_user_memory_region(_RAM_SLOT, 0, 0, _RAM_SIZE, _RAM_HVA)
     vm.host.map_mmio(_MMIO_HVA, _MMIO_SIZE, hpa=_MMIO_HPA, memtype=_MMIO_HOST_TYPE)
@@ -201,18 +204,18 @@ def memtype_matrix(
             for disabled in _quirk_sets(era):
                 for noncoh in (False, True):
                     for cd in (False, True):
-                        try:
-                            vm, vcpu = _matrix_vm(
-                                vendor,
-                                era,
-                                disabled,
-                                noncoherent=noncoh,
-                                cd=cd,
-                                host_self_snoop=host_self_snoop,
-                                tdp=tdp,
-                            )
-                        except KvmError:
+                        made = _matrix_vm(
+                            vendor,
+                            era,
+                            disabled,
+                            noncoherent=noncoh,
+                            cd=cd,
+                            host_self_snoop=host_self_snoop,
+                            tdp=tdp,
+                        )
+                        if made is None:
                             break
+                        vm, vcpu = made
                         head = {
                             "vendor": vendor,
                             "era": era_name,
