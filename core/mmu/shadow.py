@@ -60,13 +60,51 @@ class ShadowMmu(ShadowFetch):
 
     # ------------------------------------------------------------- roots
     def root_pgd(self, vcpu: VCpu) -> int:
-        """The guest root table gfn (CR3 bits 51:12), 0 with paging off."""
+        """The guest root table gfn (CR3 bits 51:12), 0 with paging off.
+
+        Legacy PAE: the PDPT address (CR3 bits 31:5), only compared.
+        """
         if not vcpu.cr0 & paging.CR0_PG:
             return 0
+        if self.is_legacy_pae(vcpu):
+            return vcpu.cr3 & 0xFFFFFFE0
         return (vcpu.cr3 & S.SPTE_BASE_ADDR_MASK) >> 12
 
+    @staticmethod
+    def is_legacy_pae(vcpu: VCpu) -> bool:
+        """``is_pae_paging``: CR0.PG, CR4.PAE, not long mode."""
+        return bool(
+            vcpu.cr0 & paging.CR0_PG
+            and vcpu.cr4 & paging.CR4_PAE
+            and not vcpu.efer & paging.EFER_LMA
+        )
+
+    def load_pdptrs(self, vcpu: VCpu) -> bool:
+        """``load_pdptrs`` (x86.c): cache the 4 guest PDPTEs at CR3 load.
+
+        The walker then uses the cached copies (``get_pdptr``). Returns True
+        if they changed (KVM then frees the current root). A reserved PDPTE
+        (the #GP on MOV CR3) is left to the walker, which faults on it.
+        """
+        st = self.vstate(vcpu)
+        base = vcpu.cr3 & 0xFFFFFFE0
+        new = [self.read_gpte(base + 8 * k) or 0 for k in range(4)]
+        changed = new != st.pdptrs
+        st.pdptrs = new
+        return changed
+
     def put_root(self, root: ShadowPage) -> None:
-        """``mmu_free_root_page``: drop a reference; an invalid root is freed."""
+        """``mmu_free_root_page``: drop a reference; an invalid root is freed.
+
+        A PAE root drops its four roots and returns its page.
+        """
+        if root.pae is not None:
+            for r in root.pae:
+                if r is not None:
+                    self.put_root(r)
+            root.pae = [None] * 4
+            self.pool.free(root.idx)
+            return
         root.root_count -= 1
         if root.root_count == 0 and root.invalid:
             self.free_page(root)
@@ -83,11 +121,39 @@ class ShadowMmu(ShadowFetch):
             st.prev_roots = []
 
     def alloc_root(self, vcpu: VCpu) -> ShadowPage:
-        """``mmu_alloc_shadow_roots`` / ``mmu_alloc_direct_roots`` (4-/5-level)."""
+        """``mmu_alloc_shadow_roots`` / ``mmu_alloc_direct_roots``.
+
+        4-/5-level: one root sp for the guest root. PAE or 32-bit guest: the
+        vCPU's ``pae_root``, four PDPTE-like entries (present bit only), each
+        pointing to a level-2 root sp: for PAE the guest PDPTE's page
+        directory (an entry whose cached PDPTE is not present stays
+        ``INVALID_PAE_ROOT``); for 32-bit the guest PD at CR3, quadrant ``i``.
+        """
         role = self.base_role(vcpu)
-        root = self.get_page(vcpu, self.root_pgd(vcpu), role)
-        root.root_count += 1
-        return root
+        if role.level != 3 or role.direct:
+            root = self.get_page(vcpu, self.root_pgd(vcpu), role)
+            root.root_count += 1
+            return root
+        idx = self.pool.alloc(3, 0)
+        self._data = self.pool.data
+        pae_root = ShadowPage(idx, self.pool.hpa(idx), 0, role, self.mmu_valid_gen)
+        pae_root.pae = [None, None, None, None]
+        st = self.vstate(vcpu)
+        for q in range(4):
+            if role.has_4_byte_gpte:
+                gfn = (vcpu.cr3 & 0xFFFFF000) >> 12
+                quadrant = q
+            else:
+                pdptr = st.pdptrs[q]
+                if not pdptr & paging.PTE_P:
+                    continue
+                gfn = (pdptr & S.SPTE_BASE_ADDR_MASK) >> 12
+                quadrant = 0
+            sp = self.get_page(vcpu, gfn, role._replace(level=2, quadrant=quadrant))
+            sp.root_count += 1
+            pae_root.pae[q] = sp
+            self.set_spte(pae_root, q, sp.hpa | _P)
+        return pae_root
 
     def reload(self, vcpu: VCpu) -> ShadowPage:
         """``kvm_mmu_free_obsolete_roots`` + ``kvm_mmu_load`` (+ ``kvm_mmu_sync_roots``)."""
@@ -111,30 +177,37 @@ class ShadowMmu(ShadowFetch):
     def sync_roots(self, vcpu: VCpu) -> None:
         """``kvm_mmu_sync_roots``: sync the unsync tables below the root (§3.15)."""
         root = self.vstate(vcpu).root
-        if root is not None and not root.role.direct and root.unsync_children:
-            self._need_lock("kvm_mmu_sync_roots")
-            self.mmu_sync_children(vcpu, root)
+        if root is None or root.role.direct:
+            return
+        tops = [r for r in root.pae if r is not None] if root.pae is not None else [root]
+        for top in tops:
+            if top.unsync_children and not top.invalid:
+                self._need_lock("kvm_mmu_sync_roots")
+                self.mmu_sync_children(vcpu, top)
 
     def load_pgd(self, vcpu: VCpu) -> None:
         """``kvm_mmu_reset_context`` / ``kvm_mmu_new_pgd`` after CR0/CR3/CR4/EFER writes.
 
-        A new paging mode (role) frees every root. A CR3 switch keeps the old
-        root in ``prev_roots`` (``KVM_MMU_NUM_PREV_ROOTS`` = 3, LRU) and reuses a
-        cached root for the new CR3 (``fast_pgd_switch``); then the roots are
-        synced (``KVM_REQ_MMU_SYNC``) and the root's flooding count cleared
-        (spec/kvm-mmu.md §3.15). A paging mode the model does not cover
-        leaves no root; the next access raises.
+        A new paging mode (role) frees every root. In PAE mode the PDPTEs are
+        loaded (``load_pdptrs``); a PAE root is never cached (``fast_pgd_switch``
+        wants a 4-level root): a CR3 switch or new PDPTEs free it. Otherwise a
+        CR3 switch keeps the old root in ``prev_roots``
+        (``KVM_MMU_NUM_PREV_ROOTS`` = 3, LRU) and reuses a cached root for the
+        new CR3 (``fast_pgd_switch``); then the roots are synced
+        (``KVM_REQ_MMU_SYNC``) and the root's flooding count cleared
+        (spec/kvm-mmu.md §3.15).
         """
         st = self.vstate(vcpu)
-        try:
-            role = self.base_role(vcpu)
-        except KvmError:
-            self.free_roots(vcpu)
-            return
+        role = self.base_role(vcpu)
         pgd = self.root_pgd(vcpu)
+        pdptrs_changed = self.is_legacy_pae(vcpu) and self.load_pdptrs(vcpu)
         cur = st.root
         if cur is not None and (cur.role != role or self.is_obsolete(cur)):
             self.free_roots(vcpu)
+            cur = None
+        if cur is not None and cur.pae is not None and (st.pgd != pgd or pdptrs_changed):
+            # fast_pgd_switch needs a 4-/5-level root: free the current one.
+            self.free_roots(vcpu, prev=False)
             cur = None
         if cur is not None and st.pgd == pgd:
             self.sync_roots(vcpu)
@@ -164,7 +237,8 @@ class ShadowMmu(ShadowFetch):
 
         Returns ``(error_code, sp, index, spte)``: error ``None`` on a hit. Shadow
         paging runs the hardware with CR0.WP=1 (the guest's WP=0 is emulated
-        by the fault path) and the guest's SMEP/SMAP; an MMIO SPTE faults with
+        by the fault path) and the guest's SMEP/SMAP; a PAE root is a PDPT
+        (its entries carry no rights); an MMIO SPTE faults with
         RSVD|P. Protection keys are not exposed to a guest without TDP.
         """
         user = vcpu.cpl == 3
@@ -182,6 +256,9 @@ class ShadowMmu(ShadowFetch):
             spte = int(data[sp.idx, i])
             if not spte & _P:
                 return base, sp, i, spte
+            if sp.pae is not None:  # a PDPTE: no rights bits
+                sp = self.child_sp(spte)
+                continue
             if S.is_mmio_spte(self.fmt, spte):
                 return base | PFERR_RSVD_MASK | PFERR_PRESENT_MASK, sp, i, spte
             w = w and bool(spte & _W)
@@ -246,7 +323,7 @@ class ShadowMmu(ShadowFetch):
         exits = 0
         paging_on = bool(vcpu.cr0 & paging.CR0_PG)
         if paging_on and not vcpu.efer & paging.EFER_LMA:
-            self.guest_root_level(vcpu)
+            gva &= 0xFFFFFFFF
         if paging_on and not paging.canonical(gva, bool(vcpu.cr4 & paging.CR4_LA57)):
             return AccessResult(None, GuestFault(paging.GP_VECTOR, 0, gva), None, None, None)
         while True:
@@ -281,7 +358,11 @@ class ShadowMmu(ShadowFetch):
                 vcpu._trace(kind, gva, None, None, None, None, "guest_fault")
                 return AccessResult(None, fault, None, None, None, exits=exits)
             if r == RET_PF_EMULATE:
-                return vcpu._emulate(gva, st.gpa, kind, size, data, exits)  # type: ignore[arg-type]
+                self._writer = vcpu
+                try:
+                    return vcpu._emulate(gva, st.gpa, kind, size, data, exits)  # type: ignore[arg-type]
+                finally:
+                    self._writer = None
 
     # ------------------------------------------------------------- INVLPG
     def invlpg(self, vcpu: VCpu, gva: int) -> None:
@@ -295,9 +376,10 @@ class ShadowMmu(ShadowFetch):
         st = self.vstate(vcpu)
         roots = ([st.root] if st.root is not None else []) + [r for _p, r in st.prev_roots]
         for root in roots:
-            if root.invalid or root.role.direct:
+            top = self.root_top(root, gva & 0xFFFFFFFF if root.pae is not None else gva)
+            if top is None or top.invalid or top.role.direct:
                 continue
-            sp = root
+            sp = top
             while True:
                 level = sp.role.level
                 i = (gva >> (12 + 9 * (level - 1))) & 511
@@ -475,6 +557,9 @@ class ShadowMmu(ShadowFetch):
                 wp_gfns.add(sp.gfn)
         for sp in valid:
             out.extend(self._check_sp(sp))
+        for index, st in self.vcpus.items():
+            if st.root is not None and st.root.pae is not None:
+                out.extend(self._check_pae_root(index, st.root, st.pdptrs))
         for key, entries in self.rmap.items():
             for sp, i in entries:
                 spte = self.spte(sp, i)
@@ -495,6 +580,30 @@ class ShadowMmu(ShadowFetch):
                     out.append(f"shadow: writable SPTE maps write-tracked gfn {key:#x}")
         return out
 
+    def _check_pae_root(self, index: int, root: ShadowPage, pdptrs: list[int]) -> list[str]:
+        """A vCPU's PAE root: entry ``q`` is present iff it has a level-2 root
+        sp, which shadows the cached PDPTE's PD (PAE) or quarter ``q`` of the
+        guest PD (32-bit), and holds a root reference."""
+        out: list[str] = []
+        assert root.pae is not None
+        for q, sp in enumerate(root.pae):
+            spte = self.spte(root, q)
+            where = f"vCPU {index} pae_root[{q}]"
+            if sp is None:
+                if spte:
+                    out.append(f"shadow: {where} is set without a root sp")
+                continue
+            if spte != sp.hpa | _P or sp.root_count < 1 or sp.role.level != 2:
+                out.append(f"shadow: {where} does not hold {sp!r}")
+            if root.invalid or self.is_obsolete(root):
+                continue
+            if sp.role.has_4_byte_gpte:
+                if sp.role.quadrant != q:
+                    out.append(f"shadow: {where} holds quadrant {sp.role.quadrant}")
+            elif not pdptrs[q] & paging.PTE_P or sp.gfn != gpte_to_gfn(pdptrs[q]):
+                out.append(f"shadow: {where} holds {sp!r}, the PDPTE is {pdptrs[q]:#x}")
+        return out
+
     def _check_sp(self, sp: ShadowPage) -> list[str]:
         out: list[str] = []
         nx_on = sp.role.efer_nx
@@ -509,24 +618,36 @@ class ShadowMmu(ShadowFetch):
                     out.append(f"shadow: {sp!r}[{i}] links {child!r} without a parent link")
             if sp.role.direct:
                 continue
-            gpte = self.read_gpte((sp.gfn << 12) + i * 8)
             if sp.unsync and leaf:
                 continue
+            four = sp.role.has_4_byte_gpte
+            gpte = self.read_gpte(self.gpte_gpa(sp, i), self.gpte_size(sp))
             where = f"{sp!r}[{i}]"
             if gpte is None or not gpte & paging.PTE_P:
                 out.append(f"shadow: {where} is present but the guest entry is not")
                 continue
+            # A 32-bit 4 MiB guest page is shadowed by two 2 MiB halves (bit 21).
+            half = (i & 1) << 9 if four and sp.role.level == 2 else 0
             if not leaf:
                 child = self.child_sp(spte)
-                huge = bool(gpte & paging.PTE_PS)
-                target = gpte_to_gfn(gpte, sp.role.level if huge else 1)
-                if child.gfn != target or huge != child.role.direct:
+                huge = child.role.direct if four else bool(gpte & paging.PTE_PS)
+                if huge:
+                    target = gpte_to_gfn(gpte, sp.role.level, four) + half
+                else:
+                    target = gpte_to_gfn(gpte)
+                bad_q = four and not huge and child.role.quadrant != i & 1
+                if (
+                    child.gfn != target
+                    or huge != child.role.direct
+                    or (huge and not gpte & paging.PTE_PS)
+                    or bad_q
+                ):
                     out.append(
                         f"shadow: {where} links {child!r} but the guest entry points to "
                         f"gfn {target:#x}"
                     )
                 continue
-            target = gpte_to_gfn(gpte, sp.role.level)
+            target = gpte_to_gfn(gpte, sp.role.level, four) + half
             if sp.gfns.get(i) != target:
                 out.append(
                     f"shadow: {where} maps gfn {sp.gfns.get(i, -1):#x}, the guest entry "

@@ -42,7 +42,7 @@ from kvmmu.mmu.fault import (
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
 )
-from kvmmu.mmu.shadow_page import MmuLockContended, Role, ShadowPage
+from kvmmu.mmu.shadow_page import MmuLockContended, ShadowPage
 from kvmmu.mmu.shadow_sync import NOSLOT_PFN, ShadowSync
 from kvmmu.mmu.shadow_walk import GuestWalker, walk_addr
 
@@ -122,7 +122,7 @@ class ShadowFetch(ShadowSync):
             "fetch" if error_code & PFERR_FETCH_MASK else "write" if fault.write else "read"
         )
         if vcpu.cr0 & paging.CR0_PG:
-            gw = walk_addr(vcpu, gva, kind, cpl)
+            gw = walk_addr(vcpu, gva, kind, cpl, st.pdptrs)
         else:
             gw = self.nonpaging_walker(vcpu, gva)
         if gw.fault is not None:
@@ -187,8 +187,8 @@ class ShadowFetch(ShadowSync):
         """``write_unlock(mmu_lock)``: then the track_writes that waited run."""
         self._mmu_lock_owner = None
         while self._deferred:
-            gpa, new = self._deferred.pop(0)
-            self.track_write(gpa, new)
+            gpa, new, pae = self._deferred.pop(0)
+            self.track_write(gpa, new, pae)
 
     def nonpaging_walker(self, vcpu: VCpu, gva: int) -> GuestWalker:
         """Guest paging off: gva is the gpa (``nonpaging_page_fault``), at most 2M."""
@@ -239,7 +239,7 @@ class ShadowFetch(ShadowSync):
     def clear_flood(self, vcpu: VCpu, gva: int) -> None:
         """``shadow_page_table_clear_flood``: reset the counts along the gva."""
         root = self.vstate(vcpu).root
-        sp = root
+        sp = None if root is None else self.root_top(root, gva)
         while sp is not None and not sp.invalid:
             sp.write_flooding_count = 0
             i = (gva >> (12 + 9 * (sp.role.level - 1))) & 511
@@ -281,23 +281,24 @@ class ShadowFetch(ShadowSync):
     def gpte_changed(self, gw: GuestWalker, level: int) -> bool:
         """``FNAME(gpte_changed)`` (paging_tmpl.h; spec/kvm-mmu.md §3.8).
 
-        At 4K re-read the aligned block of ``PTE_PREFETCH_NUM`` gPTEs into
-        ``prefetch_ptes`` and compare the faulting one; above, re-read the one
-        gPTE. A read error counts as changed.
+        At 4K re-read the aligned block of ``PTE_PREFETCH_NUM`` gPTEs (of
+        ``sizeof(pt_element_t)`` bytes) into ``prefetch_ptes`` and compare the
+        faulting one; above, re-read the one gPTE. A read error counts as changed.
         """
         pte_gpa = gw.pte_gpa[level - 1]
+        n = gw.pte_size
         if level == 1:
-            base = pte_gpa & ~(PTE_PREFETCH_NUM * 8 - 1)
+            base = pte_gpa & ~(PTE_PREFETCH_NUM * n - 1)
             try:
-                raw = self.vm.read_guest(base, PTE_PREFETCH_NUM * 8)
+                raw = self.vm.read_guest(base, PTE_PREFETCH_NUM * n)
             except KvmError:
                 return True
             gw.prefetch_ptes = [
-                int.from_bytes(raw[k * 8 : k * 8 + 8], "little") for k in range(PTE_PREFETCH_NUM)
+                int.from_bytes(raw[k * n : k * n + n], "little") for k in range(PTE_PREFETCH_NUM)
             ]
-            cur: int | None = gw.prefetch_ptes[(pte_gpa - base) // 8]
+            cur: int | None = gw.prefetch_ptes[(pte_gpa - base) // n]
         else:
-            cur = self.read_gpte(pte_gpa)
+            cur = self.read_gpte(pte_gpa, n)
         return cur is None or cur != gw.ptes[level - 1]
 
     def drop_large_spte(self, sp: ShadowPage, i: int) -> None:
@@ -311,7 +312,9 @@ class ShadowFetch(ShadowSync):
     def fetch(self, vcpu: VCpu, root: ShadowPage, fault: _Fault, gw: GuestWalker) -> StepGen:
         """``FNAME(fetch)`` (paging_tmpl.h; spec/kvm-mmu.md §3.8).
 
-        Re-check the root gPTE; then per shadow level above the guest leaf:
+        Re-check the root gPTE (a PAE guest's PDE: PAE counts as 2); start at
+        the root, or for a PAE root at ``pae_root[(gva >> 30) & 3]``
+        (``shadow_walk_init_using_root``); then per shadow level above the guest leaf:
         find/create the indirect sp of the next guest table (syncing unsync
         children), yield, re-check that table's gPTE (``gpte_changed``) ->
         RETRY, link. Then direct sps down to ``goal_level``, the leaf
@@ -321,8 +324,11 @@ class ShadowFetch(ShadowSync):
         paging_on = bool(vcpu.cr0 & paging.CR0_PG)
         if paging_on and fixed and self.gpte_changed(gw, gw.max_level):
             return RET_PF_RETRY
-        sp = root
-        level = root.role.level
+        top = self.root_top(root, gw.gva)
+        if top is None:
+            return RET_PF_RETRY
+        sp = top
+        level = sp.role.level
         gva = gw.gva
         while paging_on and level > gw.level:
             i = (gva >> (12 + 9 * (level - 1))) & 511
@@ -331,7 +337,7 @@ class ShadowFetch(ShadowSync):
             child: ShadowPage | None = None
             spte = self.spte(sp, i)
             if not S.is_shadow_present_pte(spte):
-                role = sp.role._replace(level=level - 1, access=gw.pt_access[level - 2])
+                role = self.child_role(sp, i, False, gw.pt_access[level - 2])
                 child = self.get_page(vcpu, gw.table_gfn[level - 2], role)
                 if child.unsync_children and self.mmu_sync_children(vcpu, child):
                     return RET_PF_RETRY
@@ -357,7 +363,7 @@ class ShadowFetch(ShadowSync):
             self.drop_large_spte(sp, i)
             spte = self.spte(sp, i)
             if not S.is_shadow_present_pte(spte):
-                role = Role(level - 1, True, direct_access, *sp.role[3:])
+                role = self.child_role(sp, i, True, direct_access)
                 child = self.get_page(vcpu, base_gfn, role)
                 yield FaultStep("sp", level - 1, base_gfn)
                 self.link_shadow_page(sp, i, child)

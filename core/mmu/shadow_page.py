@@ -53,13 +53,17 @@ class MmuLockContended(KvmError):
 
 
 class Role(NamedTuple):
-    """``union kvm_mmu_page_role`` (the bits that matter for 64-bit gPTEs).
+    """``union kvm_mmu_page_role`` (mmu_internal.h / kvm_host.h).
 
     ``direct`` pages map a contiguous gfn range (guest huge page split, or
     guest paging off); indirect pages shadow the guest table at ``gfn``.
     ``access`` is the access accumulated above the table (``pt_access``).
     The CR0.WP / EFER.NX / SMEP / SMAP bits make a table built under one
     paging mode unusable under another (``kvm_calc_cpu_role``).
+    ``has_4_byte_gpte``: the guest uses 32-bit paging; its 1024-entry tables
+    are shadowed by 512-entry ones and ``quadrant`` says which part: for a
+    guest PD the 1 GiB quarter (0..3, set by ``mmu_alloc_shadow_roots``), for
+    a guest PT the 2 MiB half (0..1, ``kvm_mmu_child_role``).
     """
 
     level: int
@@ -69,6 +73,8 @@ class Role(NamedTuple):
     efer_nx: bool
     smep_andnot_wp: bool
     smap_andnot_wp: bool
+    has_4_byte_gpte: bool = False
+    quadrant: int = 0
 
 
 SptePtr = tuple["ShadowPage", int]
@@ -86,6 +92,7 @@ class ShadowPage:
         "idx",
         "invalid",
         "mmu_valid_gen",
+        "pae",
         "parent_ptes",
         "role",
         "root_count",
@@ -113,12 +120,17 @@ class ShadowPage:
         self.access: dict[int, int] = {}
         #: The guest leaf's (PAT, PCD, PWT) per entry (for the memory type).
         self.gpat: dict[int, int] = {}
+        #: Only for a vCPU's ``mmu->pae_root`` (not an sp in KVM): the four
+        #: level-2 root sps its entries point to (None: ``INVALID_PAE_ROOT``).
+        self.pae: list[ShadowPage | None] | None = None
 
     @property
     def unsync_children(self) -> int:
         return len(self.unsync_child)
 
     def __repr__(self) -> str:
+        if self.pae is not None:
+            return f"PaeRoot(hpa={self.hpa:#x})"
         kind = "direct" if self.role.direct else "indirect"
         return (
             f"ShadowPage(gfn={self.gfn:#x}, level={self.role.level}, {kind}, "
@@ -129,9 +141,11 @@ class ShadowPage:
 class VcpuMmu:
     """Per-vCPU MMU state: ``mmu->root``, ``prev_roots``, the pending injection."""
 
-    __slots__ = ("fault", "gpa", "pgd", "prev_roots", "root")
+    __slots__ = ("fault", "gpa", "pdptrs", "pgd", "prev_roots", "root")
 
     def __init__(self) -> None:
+        #: ``mmu->pdptrs``: the guest PDPTEs ``load_pdptrs`` read at CR3 load (PAE).
+        self.pdptrs: list[int] = [0, 0, 0, 0]
         self.root: ShadowPage | None = None
         self.pgd = 0
         #: ``mmu->prev_roots``: (pgd, root) most recent first.
@@ -172,7 +186,10 @@ class ShadowBase:
         self.indirect_shadow_pages = 0
         self.vcpus: dict[int, VcpuMmu] = {}
         self._mmu_lock_owner: int | None = None
-        self._deferred: list[tuple[int, bytes]] = []
+        #: track_writes waiting for ``mmu_lock``: (gpa, bytes, writer is_pae).
+        self._deferred: list[tuple[int, bytes, bool]] = []
+        #: The vCPU whose access is being emulated (for ``is_pae``).
+        self._writer: VCpu | None = None
         self._mn_found: list[tuple[int, int, bool]] = []
 
     # ---------------------------------------------------------------- helpers
@@ -192,6 +209,23 @@ class ShadowBase:
         """``spte_to_child_sp``: the sp a non-leaf SPTE points to."""
         return self.by_idx[self.pool.index_of(spte & S.SPTE_BASE_ADDR_MASK)]
 
+    @staticmethod
+    def root_top(root: ShadowPage, gva: int) -> ShadowPage | None:
+        """``shadow_walk_init_using_root``: a PAE root starts at the level-2 sp
+        of ``pae_root[(gva >> 30) & 3]`` (None if that entry is invalid)."""
+        if root.pae is None:
+            return root
+        return root.pae[(gva >> 30) & 3]
+
+    @staticmethod
+    def child_role(parent: ShadowPage, i: int, direct: bool, access: int) -> Role:
+        """``kvm_mmu_child_role``: the parent's role one level down; for 4-byte
+        gPTEs the child PT's quadrant is bit 21 of the address, i.e. ``i & 1``."""
+        role = parent.role._replace(level=parent.role.level - 1, direct=direct, access=access)
+        if role.has_4_byte_gpte:
+            role = role._replace(quadrant=i & 1)
+        return role
+
     def _need_lock(self, what: str) -> None:
         if self._mmu_lock_owner is not None:
             raise MmuLockContended(what)
@@ -207,6 +241,7 @@ class ShadowBase:
     def base_role(self, vcpu: VCpu) -> Role:
         """``kvm_calc_cpu_role``-derived root role for the vCPU's paging mode."""
         wp = bool(vcpu.cr0 & paging.CR0_WP)
+        pg = bool(vcpu.cr0 & paging.CR0_PG)
         return Role(
             level=self.guest_root_level(vcpu),
             direct=not vcpu.cr0 & paging.CR0_PG,
@@ -215,24 +250,41 @@ class ShadowBase:
             efer_nx=bool(vcpu.efer & paging.EFER_NXE),
             smep_andnot_wp=bool(vcpu.cr4 & paging.CR4_SMEP) and not wp,
             smap_andnot_wp=bool(vcpu.cr4 & paging.CR4_SMAP) and not wp,
+            has_4_byte_gpte=pg and not vcpu.cr4 & paging.CR4_PAE,
         )
 
     @staticmethod
     def guest_root_level(vcpu: VCpu) -> int:
-        """The shadow root level: the guest's paging depth (4 or 5).
+        """The shadow root level (``kvm_init_shadow_mmu``: ``max(level, PT32E)``).
 
-        Guest paging off maps gva = gpa through a direct 4-level root. PAE and
-        32-bit guest paging (4-byte gPTEs, quadrants, the PAE root) are not
-        modelled: ``KvmError(EOPNOTSUPP)``.
+        4 or 5 for long-mode guests; 3 (``PT32E_ROOT_LEVEL``, the PAE root)
+        for PAE and 32-bit guests. Guest paging off maps gva = gpa through a
+        direct 4-level root.
         """
         if not vcpu.cr0 & paging.CR0_PG:
             return 4
         if not vcpu.efer & paging.EFER_LMA:
-            raise KvmError(
-                errno.EOPNOTSUPP,
-                "shadow MMU model: only 4-/5-level guest paging (or paging off) is modelled",
-            )
+            return 3
         return 5 if vcpu.cr4 & paging.CR4_LA57 else 4
+
+    @staticmethod
+    def gpte_size(sp: ShadowPage) -> int:
+        """``sizeof(pt_element_t)``: 4 for ``paging32``, else 8."""
+        return 4 if sp.role.has_4_byte_gpte else 8
+
+    @staticmethod
+    def gpte_gpa(sp: ShadowPage, i: int) -> int:
+        """The gpa of the guest entry shadow entry ``i`` of indirect ``sp`` shadows.
+
+        ``FNAME(get_level1_sp_gpa)`` for a 32-bit PT (the quadrant selects the
+        half); for a 32-bit PD, two shadow PDEs per 4-byte guest PDE in the
+        quadrant's quarter (``get_written_sptes`` read backwards).
+        """
+        if not sp.role.has_4_byte_gpte:
+            return (sp.gfn << 12) + i * 8
+        if sp.role.level == 1:
+            return (sp.gfn << 12) + (sp.role.quadrant * 512 + i) * 4
+        return (sp.gfn << 12) + (sp.role.quadrant * 256 + i // 2) * 4
 
     def account_shadowed(self, sp: ShadowPage) -> None:
         """``account_shadowed`` (mmu.c; spec/kvm-mmu.md §2.4).
@@ -422,5 +474,12 @@ class ShadowBase:
             self.pool.free(sp.idx)
 
     def is_obsolete(self, sp: ShadowPage) -> bool:
-        """``is_obsolete_sp``: invalid, or built before the last ``zap_all_fast``."""
+        """``is_obsolete_sp``: invalid, or built before the last ``zap_all_fast``.
+
+        A PAE root has no sp (``is_obsolete_root``): it counts as obsolete
+        when one of its four roots is - the model's stand-in for the pending
+        ``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`` that zapping a root in use sends.
+        """
+        if sp.pae is not None:
+            return any(r is not None and self.is_obsolete(r) for r in sp.pae)
         return sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen

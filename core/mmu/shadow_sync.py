@@ -250,10 +250,10 @@ class ShadowSync(ShadowBase):
         return True
 
     # ---------------------------------------------------------------- sync
-    def read_gpte(self, gpa: int) -> int | None:
-        """``kvm_vcpu_read_guest_atomic`` of one 8-byte gPTE; None on failure."""
+    def read_gpte(self, gpa: int, size: int = 8) -> int | None:
+        """``kvm_vcpu_read_guest_atomic`` of one gPTE (4 or 8 bytes); None on failure."""
         try:
-            return int.from_bytes(self.vm.read_guest(gpa, 8), "little")
+            return int.from_bytes(self.vm.read_guest(gpa, size), "little")
         except KvmError:
             return None
 
@@ -267,7 +267,7 @@ class ShadowSync(ShadowBase):
         spte = self.spte(sp, i)
         if not spte:
             return 0
-        gpte = self.read_gpte((sp.gfn << 12) + i * 8)
+        gpte = self.read_gpte(self.gpte_gpa(sp, i), self.gpte_size(sp))
         if gpte is None:
             return -1
         if self.prefetch_invalid_gpte(vcpu, sp, i, gpte):
@@ -361,25 +361,33 @@ class ShadowSync(ShadowBase):
         return False
 
     # ------------------------------------------------- writes to guest tables
-    def track_write(self, gpa: int, new: bytes) -> None:
+    def track_write(self, gpa: int, new: bytes, pae: bool | None = None) -> None:
         """``kvm_mmu_track_write`` (mmu.c; spec/kvm-mmu.md §3.13).
 
         Runs after the emulated write landed and the external notifiers ran.
         Nothing to do without indirect shadow pages. While a suspended fault
         holds ``mmu_lock`` the work waits for the lock (the bytes have already
-        landed). A 4-byte write is widened to the aligned 8 bytes (``is_pae``:
-        64-bit gPTEs). For each valid indirect sp of the gfn: a misaligned
-        write or write-flooding (3+ writes to an upper-level table since the
-        last fault through it) zaps the whole sp; otherwise the written
-        SPTE is zapped and the next fault rebuilds it.
+        landed). ``mmu_pte_write_fetch_gpte``: if the writing vCPU ``is_pae``
+        (CR4.PAE; ``pae`` None: the vCPU whose access is being emulated, else
+        assumed) a 4-aligned 4-byte write is widened to the aligned 8 bytes
+        (KVM widens any 4-byte write; the model keeps one that crosses two
+        gPTEs misaligned, see docs/shadow.md). For each
+        valid indirect sp of the gfn: a misaligned write (``pte_size`` from
+        ``role.has_4_byte_gpte``) or write-flooding (3+ writes to an
+        upper-level table since the last fault through it) zaps the whole sp;
+        otherwise ``get_written_sptes`` picks the SPTE(s) to zap (two for a
+        32-bit PDE, none if the quadrant differs) and the next fault rebuilds.
         """
         if not self.indirect_shadow_pages:
             return
+        if pae is None:
+            writer = self._writer
+            pae = writer is None or bool(writer.cr4 & paging.CR4_PAE)
         if self._mmu_lock_owner is not None:
-            self._deferred.append((gpa, bytes(new)))
+            self._deferred.append((gpa, bytes(new), pae))
             return
         nbytes = len(new)
-        if nbytes == 4 and not gpa & 3:
+        if pae and nbytes == 4 and not gpa & 3:
             gpa &= ~7
             nbytes = 8
         gfn = gpa >> 12
@@ -388,13 +396,19 @@ class ShadowSync(ShadowBase):
         for sp in list(self.gfn_sps.get(gfn, ())):
             if sp.invalid:
                 continue
-            if self.detect_write_misaligned(offset, nbytes) or self.detect_write_flooding(sp):
+            misaligned = self.detect_write_misaligned(offset, nbytes, self.gpte_size(sp))
+            if misaligned or self.detect_write_flooding(sp):
                 self.vm.stats["mmu_flooded"] += 1
                 self.zap_page(sp)
                 continue
-            i = offset >> 3
-            spte = self.spte(sp, i)
-            if spte:
+            written = self.get_written_sptes(sp, offset)
+            if written is None:
+                continue
+            first, npte = written
+            for i in range(first, first + npte):
+                spte = self.spte(sp, i)
+                if not spte:
+                    continue
                 gfn0, nr = self.spte_flush_range(sp, i)
                 if self.drop_spte(sp, i):
                     flush = True
@@ -406,12 +420,31 @@ class ShadowSync(ShadowBase):
             self.vm.stats["mmu_pte_write_flush"] += 1
 
     @staticmethod
-    def detect_write_misaligned(offset: int, nbytes: int) -> bool:
+    def get_written_sptes(sp: ShadowPage, offset: int) -> tuple[int, int] | None:
+        """``get_written_sptes`` (mmu.c): (first SPTE index, count) a write at
+        page ``offset`` hits, or None when a 32-bit sp's quadrant is another.
+
+        4-byte gPTEs: the offset doubles (32->64); a 32-bit PDE maps 4 MiB, so
+        it doubles again and two 2 MiB shadow PDEs are zapped.
+        """
+        if not sp.role.has_4_byte_gpte:
+            return offset >> 3, 1
+        npte = 1
+        page_offset = offset << 1
+        if sp.role.level == 2:
+            page_offset = (page_offset & ~7) << 1
+            npte = 2
+        if page_offset >> 12 != sp.role.quadrant:
+            return None
+        return (page_offset & 0xFFF) >> 3, npte
+
+    @staticmethod
+    def detect_write_misaligned(offset: int, nbytes: int, pte_size: int = 8) -> bool:
         """``detect_write_misaligned``: crosses a gPTE, or shorter than 4 bytes
         (a 1-byte write at a gPTE-aligned offset is allowed: ``clear_bit``)."""
-        if not offset & 7 and nbytes == 1:
+        if not offset & (pte_size - 1) and nbytes == 1:
             return False
-        return bool((offset ^ (offset + nbytes - 1)) & ~7) or nbytes < 4
+        return bool((offset ^ (offset + nbytes - 1)) & ~(pte_size - 1)) or nbytes < 4
 
     @staticmethod
     def detect_write_flooding(sp: ShadowPage) -> bool:

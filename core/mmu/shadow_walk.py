@@ -8,6 +8,12 @@ value, and the access accumulated above it (``pt_access``), the leaf's
 written into guest memory as ``update_accessed_dirty_bits`` does (a cmpxchg
 through the host mapping: no page-track notification) with ``ptes[]``
 updated to the values written, so ``gpte_changed`` compares against them.
+
+``paging_tmpl.h`` is compiled as ``paging64`` (4-/5-level and PAE, 8-byte
+gPTEs) and ``paging32`` (2 levels, 4-byte gPTEs, PSE/PSE-36 4 MiB pages):
+:attr:`GuestWalker.pte_size` says which. A PAE walk starts from the PDPTE
+``load_pdptrs`` cached at CR3 load (``mmu->get_pdptr``), not from memory, and
+records levels 2 and 1 only (``walker->max_level`` = 2).
 """
 
 from __future__ import annotations
@@ -55,8 +61,15 @@ def protect_clean_gpte(access: int, gpte: int) -> int:
     return access
 
 
-def gpte_to_gfn(gpte: int, level: int = 1) -> int:
-    """``gpte_to_gfn_lvl``: the frame a gPTE points to (aligned for a huge leaf)."""
+def gpte_to_gfn(gpte: int, level: int = 1, four_byte: bool = False) -> int:
+    """``gpte_to_gfn_lvl``: the frame a gPTE points to (aligned for a huge leaf).
+
+    For a 32-bit (``paging32``) 4 MiB PDE the frame is bits 31:22 plus the
+    PSE-36 bits 20:13 as address bits 39:32 (``pse36_gfn_delta``; the walker
+    :func:`kvmmu.paging.walk` takes 8 of them, as AMD's PSE-40 does).
+    """
+    if four_byte and level > 1:
+        return ((gpte & 0xFFC00000) >> 12) | (((gpte >> 13) & 0xFF) << 20)
     frame = gpte & GPTE_ADDR_MASK
     if level > 1:
         frame &= ~((1 << (12 + 9 * (level - 1))) - 1)
@@ -86,16 +99,32 @@ class GuestWalker:
     ptes: list[int] = field(default_factory=lambda: [0] * 5)
     prefetch_ptes: list[int] = field(default_factory=lambda: [0] * 8)
     gpat: int = 0
+    #: ``sizeof(pt_element_t)``: 4 for a 32-bit (non-PAE) guest.
+    pte_size: int = 8
 
 
-def walk_addr(vcpu: VCpu, gva: int, kind: paging.Access, cpl: int) -> GuestWalker:
+def walk_addr(
+    vcpu: VCpu, gva: int, kind: paging.Access, cpl: int, pdptrs: list[int] | None = None
+) -> GuestWalker:
     """``FNAME(walk_addr)`` over the vCPU's guest tables (spec/kvm-mmu.md §3.7).
 
-    Supports the 64-bit gPTE modes (4- and 5-level paging); the caller
-    refuses the others. On success the A/D updates are written back.
+    4-/5-level, PAE (``pdptrs``: the cached PDPTEs, ``get_pdptr``) and 32-bit
+    paging. On success the A/D updates are written back, 4 bytes per entry
+    for ``paging32``.
     """
+    legacy = not vcpu.efer & paging.EFER_LMA
+    pae = legacy and bool(vcpu.cr4 & paging.CR4_PAE)
+    size = 8 if vcpu.cr4 & paging.CR4_PAE else 4
+    vm = vcpu.vm
+    pdpt = vcpu.cr3 & 0xFFFFFFE0
+
+    def read(addr: int) -> int:
+        if pae and pdptrs is not None and pdpt <= addr < pdpt + 32:
+            return pdptrs[(addr - pdpt) >> 3]
+        return int.from_bytes(vm.read_guest(addr, size), "little")
+
     w = paging.walk(
-        vcpu._read_gpte,
+        read,
         cr0=vcpu.cr0,
         cr3=vcpu.cr3,
         cr4=vcpu.cr4,
@@ -107,17 +136,18 @@ def walk_addr(vcpu: VCpu, gva: int, kind: paging.Access, cpl: int) -> GuestWalke
         pkru=vcpu.pkru,
         maxphyaddr=vcpu.vm.config.host_maxphyaddr,
     )
-    gw = GuestWalker(gva)
+    gw = GuestWalker(gva, pte_size=size)
     if w.fault:
         gw.fault = GuestFault(w.vector or paging.PF_VECTOR, w.error_code, gva)
         return gw
-    if w.ad_writes:
-        vcpu._apply_ad(w.ad_writes)
+    for addr, value in w.ad_writes.items():
+        vm.write_guest_kvm(addr, value.to_bytes(size, "little"))
     nx = bool(vcpu.efer & paging.EFER_NXE)
     acc = ACC_ALL
     leaf = 0
-    gw.max_level = w.entries[0][0]
-    for level, addr, value in w.entries:
+    entries = w.entries[1:] if pae else w.entries
+    gw.max_level = entries[0][0]
+    for level, addr, value in entries:
         value = w.ad_writes.get(addr, value)
         gw.pt_access[level - 1] = acc
         gw.table_gfn[level - 1] = addr >> 12
