@@ -414,8 +414,8 @@ def memtype_cmd(
     """The memory-type matrix: SPTE memtype, IPAT and effective type.
 
     Rows cover (vendor, era, quirks, noncoherent DMA, guest CR0.CD, slot kind,
-    guest PAT type, guest MTRR type); each is computed by the vendor plugin's
-    own hooks (spec/memtype.md §5, §7, §9).
+    guest PAT type, guest MTRR type); each row is one guest read through a
+    real VM of that vendor and era (spec/memtype.md §5, §7, §9).
     """
     from kvmmu.memtype_matrix import MATRIX_KEYS, memtype_matrix, plot_matrix
 
