@@ -62,12 +62,12 @@ class ShadowMmu(ShadowFetch):
     def root_pgd(self, vcpu: VCpu) -> int:
         """The guest root table gfn (CR3 bits 51:12), 0 with paging off.
 
-        Legacy PAE: the PDPT address (CR3 bits 31:5), only compared.
+        Legacy PAE: the whole CR3 (only compared: any new CR3 frees the root).
         """
         if not vcpu.cr0 & paging.CR0_PG:
             return 0
         if self.is_legacy_pae(vcpu):
-            return vcpu.cr3 & 0xFFFFFFE0
+            return vcpu.cr3 & 0xFFFFFFFF
         return (vcpu.cr3 & S.SPTE_BASE_ADDR_MASK) >> 12
 
     @staticmethod
