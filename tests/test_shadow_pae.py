@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvmmu import paging as P
 from kvmmu.mmu.shadow_page import ShadowPage
-from test_shadow import TABLE_WINDOW, URW, make_vm
+from test_shadow import GUEST_SIZE, HVA, TABLE_WINDOW, URW, make_vm
 
 MODES = ["pae", "32"]
 VENDORS = ["vmx", "svm"]
@@ -103,8 +103,13 @@ def guest_store(v: kvmmu.vcpu.VCpu, gt: LegacyTables, entry: int, value: int) ->
     return v.access(TABLE_WINDOW + entry, "write", gt.size, value.to_bytes(gt.size, "little"))
 
 
-def build(mode: str, vendor: str = "vmx") -> tuple[kvmmu.VM, LegacyTables]:
-    vm = make_vm(vendor)
+def build(mode: str, vendor: str = "vmx", page_level: int = 1) -> tuple[kvmmu.VM, LegacyTables]:
+    if page_level == 1:
+        vm = make_vm(vendor)
+    else:  # guest memory backed by 2 MiB host pages: huge shadow leaves allowed
+        vm = kvmmu.VM(kvmmu.VMConfig(vendor=vendor, tdp=False, vcpus=2))
+        vm.host.mmap_anon(HVA, GUEST_SIZE, page_level=page_level)
+        vm.set_user_memory_region(0, 0, 0, GUEST_SIZE, HVA)
     gt = LegacyTables(vm, mode)
     for i in range(16):
         gt.map(0x400000 + i * 0x1000, DATA + i * 0x1000)
@@ -182,13 +187,17 @@ def test_32bit_page_table_is_shadowed_by_two_quadrants() -> None:
     assert vm.check_invariants() == []
 
 
+@pytest.mark.parametrize("page_level", [1, 2])
 @pytest.mark.parametrize("vendor", VENDORS)
-def test_pse_4m_page_maps_two_2m_halves(vendor: str) -> None:
-    vm, _gt = build("32", vendor)
+def test_pse_4m_page_maps_two_2m_halves(vendor: str, page_level: int) -> None:
+    """A guest 4 MiB page: two 2 MiB shadow leaves (host 2 MiB pages) or two
+    direct level-1 sps of 4K leaves, each with its half's gfn."""
+    vm, _gt = build("32", vendor, page_level)
     v = vm.vcpus[0]
     lo = v.access(0xC0000123, "write", 1, b"\x11")
     hi = v.access(0xC0212345, "write", 1, b"\x22")
     assert lo.gpa == HUGE_GPA + 0x123 and hi.gpa == HUGE_GPA + 0x212345
+    assert lo.level == hi.level == page_level
     assert vm.read_guest(HUGE_GPA + 0x212345, 1) == b"\x22"
     top = pae_root(vm, v).pae[3]  # type: ignore[index]
     assert top is not None and top.role.quadrant == 3
@@ -463,3 +472,48 @@ def test_random_gpte_edits_follow_the_walker(mode: str, steps: list[tuple[object
         else:
             v.set_sregs(cr3=gt.cr3 | 0x8 if not v.cr3 & 0x8 else gt.cr3)
         assert vm.check_invariants() == [], s
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prefetch_reads_gptes_of_the_guest_size(mode: str) -> None:
+    """``FNAME(pte_prefetch)`` from the 8 gPTEs ``gpte_changed`` re-read
+    (4-byte ones for 32-bit), here in the upper 2 MiB half (quadrant 1)."""
+    vm, gt = build(mode)
+    v = vm.vcpus[0]
+    base = 0x1200000
+    for k in range(8):
+        gt.map(base + k * 0x1000, DATA + (7 - k) * 0x1000, URW | P.PTE_A)
+        vm.write_guest(DATA + k * 0x1000, b"\x01")  # populated host pages only
+    assert v.access(base, "read").gpa == DATA + 0x7000
+    pt = gt.entry(base, 1) >> 12
+    sp = next(s for s in vm.mmu.active.values() if s.gfn == pt and s.role.level == 1)
+    assert sp.role.quadrant == (1 if mode == "32" else 0)
+    assert [sp.gfns.get(k) for k in range(8)] == [(DATA >> 12) + 7 - k for k in range(8)]
+    assert vm.stats["mmu_prefetched"] >= 7
+    for k in range(8):
+        check_access(v, base + k * 0x1000, "read")
+    assert vm.check_invariants() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fault_steps_and_gpte_changed_race(mode: str) -> None:
+    """The step points stay (walk, sp per level, install); a gPTE cleared in
+    the walk window is caught by ``gpte_changed`` (4- or 8-byte re-read)."""
+    from kvmmu.mmu.fault import RET_PF_FIXED, RET_PF_RETRY
+    from kvmmu.mmu.shadow import drive
+
+    vm, gt = build(mode)
+    v = vm.vcpus[0]
+    vm.mmu.reload(v)
+    names: list[tuple[str, int]] = []
+    r = drive(vm.mmu.page_fault_steps(v, 0x407000, 0), lambda s: names.append((s.name, s.level)))
+    assert r == RET_PF_FIXED and names == [("walk", 1), ("sp", 1), ("install", 1)]
+    pte = gt.entry(0x40A000, 1)
+
+    def racer(step: object) -> None:
+        if getattr(step, "name", "") == "walk":
+            gt.write(pte, 0)  # lands unseen (host side), after the walk read it
+
+    assert drive(vm.mmu.page_fault_steps(v, 0x40A000, 0), racer) == RET_PF_RETRY
+    assert vm.check_invariants() == []
+    assert v.access(0x40A000, "read").fault is not None
