@@ -131,7 +131,10 @@ class VCpu:
             self.efer |= paging.EFER_LMA
         else:
             self.efer &= ~paging.EFER_LMA
-        if (self.cr0, self.cr3, self.cr4, self.efer) != old:
+        # A CR3 write reloads even with the same value: MOV CR3 re-reads the PAE
+        # PDPTEs and drops non-global translations (SDM Vol 3A §4.4.1, §4.10.4.1;
+        # arch/x86/kvm/x86.c: kvm_set_cr3 -> kvm_mmu_new_pgd).
+        if cr3 is not None or (self.cr0, self.cr3, self.cr4, self.efer) != old:
             reload = getattr(self.vm.mmu, "load_pgd", None)
             if reload is not None:
                 reload(self)
@@ -196,18 +199,24 @@ class VCpu:
             maxphyaddr=self.vm.config.host_maxphyaddr,
         )
 
+    def _gpte_size(self) -> int:
+        """4-byte entries under 32-bit paging (CR4.PAE clear), else 8 (SDM Vol 3A §4.3)."""
+        return 8 if self.cr4 & paging.CR4_PAE else 4
+
     def _read_gpte(self, gpa: int) -> int:
-        return int.from_bytes(self.vm.read_guest(gpa, 8), "little")
+        return int.from_bytes(self.vm.read_guest(gpa, self._gpte_size()), "little")
 
     def _apply_ad(self, ad_writes: dict[int, int]) -> None:
-        """Write the walk's A/D updates into the guest tables.
+        """Write the walk's A/D updates into the guest tables, entry-sized.
 
         KVM's walker sets them with a cmpxchg through the host mapping
         (``FNAME(update_accessed_dirty_bits)``): the page is marked dirty and
-        no page-track notifier runs.
+        no page-track notifier runs. A 32-bit guest's entries are 4 bytes: an
+        8-byte write would clobber the neighbouring entry.
         """
+        size = self._gpte_size()
         for addr, value in ad_writes.items():
-            self.vm.write_guest_kvm(addr, value.to_bytes(8, "little"))
+            self.vm.write_guest_kvm(addr, value.to_bytes(size, "little"))
 
     # accesses -------------------------------------------------------------
     def access(

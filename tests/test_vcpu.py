@@ -110,3 +110,28 @@ def test_bad_access_arguments_are_clear_errors() -> None:
         vcpu.access(0, "write", 8, b"x")
     with pytest.raises(ValueError, match="size"):
         vcpu.access(0, "read", 0)
+
+
+def test_32bit_guest_ad_update_leaves_the_neighbouring_entry_alone() -> None:
+    """32-bit paging: entries are 4 bytes; setting A must not write 8 (TDP path)."""
+    vm = make_vm()
+    pd, pt = 0x100000, 0x101000
+    vm.write_guest(pd, (pt | 0x7).to_bytes(4, "little"))  # PDE 0 -> page table
+    vm.write_guest(pt + 4 * 4, (0x4000 | 0x7).to_bytes(4, "little"))  # PTE 4
+    vm.write_guest(pt + 5 * 4, (0x5000 | 0x7).to_bytes(4, "little"))  # PTE 5 (neighbour)
+    vcpu = vm.vcpus[0]
+    vcpu.set_sregs(cr0=0x80000011, cr3=pd, cr4=0)
+    r = vcpu.access(0x4000, "read", 4)
+    assert r.fault is None and r.gpa == 0x4000
+    assert int.from_bytes(vm.read_guest(pt + 4 * 4, 4), "little") & 0x20  # A set
+    assert int.from_bytes(vm.read_guest(pt + 5 * 4, 4), "little") == 0x5007  # untouched
+
+
+def test_same_value_cr3_write_reloads_the_mmu_context() -> None:
+    vm = make_vm()
+    calls: list[int] = []
+    vm.mmu.load_pgd = lambda vcpu: calls.append(vcpu.cr3)
+    vcpu = vm.vcpus[0]
+    vcpu.set_sregs(cr3=0x5000)
+    vcpu.set_sregs(cr3=0x5000)
+    assert calls == [0x5000, 0x5000]
