@@ -191,8 +191,23 @@ def test_misaligned_write_zaps_whole_sp(env: tuple[kvmmu.VM, GuestTables]) -> No
     pde = gt.entry(0x400000, 2)
     pd_sp = [sp for sp in vm.mmu.active.values() if sp.gfn == pde >> 12 and sp.role.level == 2]
     assert len(pd_sp) == 1
-    v.access(TABLE_WINDOW + pde + 6, "write", 4, b"\0\0\0\0")
+    # detect_write_misaligned: a 2-byte write (bytes < 4) is misaligned; a
+    # 4-byte one would be widened to the aligned 8 bytes under PAE/long mode.
+    v.access(TABLE_WINDOW + pde + 6, "write", 2, b"\0\0")
     assert pd_sp[0].invalid and vm.stats["mmu_flooded"] == 1
+
+
+def test_pae_4_byte_write_is_widened_even_across_two_gptes(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """mmu_pte_write_fetch_gpte: is_pae && bytes == 4 -> gpa &= ~7, bytes = 8."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pde = gt.entry(0x400000, 2)
+    pd_sp = [sp for sp in vm.mmu.active.values() if sp.gfn == pde >> 12 and sp.role.level == 2]
+    v.access(TABLE_WINDOW + pde + 6, "write", 4, b"\0\0\0\0")
+    assert not pd_sp[0].invalid and vm.stats["mmu_flooded"] == 0
 
 
 def test_write_flooding_zaps_upper_sp(env: tuple[kvmmu.VM, GuestTables]) -> None:

@@ -369,9 +369,10 @@ class ShadowSync(ShadowBase):
         holds ``mmu_lock`` the work waits for the lock (the bytes have already
         landed). ``mmu_pte_write_fetch_gpte``: if the writing vCPU ``is_pae``
         (CR4.PAE; ``pae`` None: the vCPU whose access is being emulated, else
-        assumed) a 4-aligned 4-byte write is widened to the aligned 8 bytes
-        (KVM widens any 4-byte write; the model keeps one that crosses two
-        gPTEs misaligned, see docs/shadow.md). For each
+        assumed) every 4-byte write is widened to the aligned 8 bytes around
+        it, as KVM does ("a 32-bit guest writing two halves of a 64-bit
+        gpte"; even one that straddles two gPTEs then zaps only the first).
+        For each
         valid indirect sp of the gfn: a misaligned write (``pte_size`` from
         ``role.has_4_byte_gpte``) or write-flooding (3+ writes to an
         upper-level table since the last fault through it) zaps the whole sp;
@@ -387,7 +388,7 @@ class ShadowSync(ShadowBase):
             self._deferred.append((gpa, bytes(new), pae))
             return
         nbytes = len(new)
-        if pae and nbytes == 4 and not gpa & 3:
+        if pae and nbytes == 4:
             gpa &= ~7
             nbytes = 8
         gfn = gpa >> 12
