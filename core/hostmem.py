@@ -417,7 +417,9 @@ class HostMemory:
         off = 0
         while page < end:
             vma = self.find_vma(page << PAGE_SHIFT)
-            if vma is not None and vma.blocks is not None and (vma.writable or not write):
+            blocks_ok = vma is not None and vma.blocks is not None and (vma.writable or not write)
+            if blocks_ok and page not in self._small:
+                assert vma is not None
                 n = self._range_from_blocks(vma, page, end, out[off:])
                 if n:
                     off += n
@@ -427,10 +429,6 @@ class HostMemory:
             n = 1
             if vma is not None and vma.mmio:
                 n = min(end, vma.end >> PAGE_SHIFT) - page
-            elif vma is not None and vma.blocks is not None and page not in self._small:
-                size = KVM_PAGES_PER_HPAGE(vma.page_level)
-                if int(vma.blocks[vma.block_index(page)]) >= 0:
-                    n = min(end, (page & ~(size - 1)) + size) - page
             if n == 1:
                 out[off] = pfn
             else:
@@ -455,26 +453,28 @@ class HostMemory:
         out[: stop - page] = base + (pages & (n - 1))
         return stop - page
 
-    def fault_in_blocks(self, hva: int, nblocks: int, *, write: bool) -> np.ndarray:
-        """GUP of whole huge blocks: the base pfns of ``nblocks`` blocks from ``hva``.
+    def fault_in_blocks(self, hva: int, npages: int, *, write: bool) -> np.ndarray:
+        """GUP of whole huge blocks: the base pfns of the blocks holding ``npages`` from ``hva``.
 
-        ``hva`` must start a block of a huge-page VMA. The result equals
-        :meth:`hva_to_pfn` of each block's pages in order (same pfns, same
-        stats): unpopulated blocks get one contiguous, naturally aligned pfn
-        run (``_alloc_pfns`` of each in turn) and one array assignment. It
-        covers only the leading blocks that can be mapped whole (inside the
-        VMA, no 4K pages left from a split, RAM left); the caller takes the
-        rest page by page, which reports any error. Returns ``int64``.
+        ``hva`` lies in a huge-page VMA. The result equals :meth:`hva_to_pfn`
+        of the range page by page (same pfns, same stats): unpopulated blocks
+        get one contiguous, naturally aligned pfn run (``_alloc_pfns`` of each
+        in turn) and one array assignment. It covers only the leading blocks
+        that can be mapped whole (inside the VMA, no 4K pages left from a
+        split, RAM left); the caller takes the rest page by page, which
+        reports any error. Returns ``int64``, one base pfn per block, as a
+        read-only view that is valid until the host mappings next change.
         """
         vma = self.find_vma(hva)
-        if vma is None or vma.blocks is None or (write and not vma.writable):
+        if vma is None or vma.blocks is None or (write and not vma.writable) or npages <= 0:
             return np.empty(0, dtype=np.int64)
-        s = 9 * (vma.page_level - 1)
-        if (hva >> PAGE_SHIFT) & ((1 << s) - 1):
-            raise ValueError(f"fault_in_blocks: hva {hva:#x} does not start a block")
-        lo = vma.block_index(hva >> PAGE_SHIFT)
-        got = self._fault_in_blocks(vma, lo, lo + nblocks)
-        return vma.blocks[lo : lo + got].copy()
+        page = hva >> PAGE_SHIFT
+        lo = vma.block_index(page)
+        hi = vma.block_index(page + npages - 1) + 1
+        got = self._fault_in_blocks(vma, lo, hi)
+        view = vma.blocks[lo : lo + got].view()
+        view.flags.writeable = False
+        return view
 
     def _fault_in_blocks(self, vma: Vma, lo: int, hi: int) -> int:
         """``_fault_in`` of blocks ``[lo, hi)`` of ``vma`` at once; leading blocks done."""
@@ -492,8 +492,12 @@ class HostMemory:
         if hi <= lo:
             return 0
         seg = blocks[lo:hi]
+        if seg.max() < 0 and not self._small and not self._swapped:
+            return self._fault_in_fresh(vma, lo, hi)
+        if seg.min() >= 0:
+            return hi - lo  # all present
         missing = np.flatnonzero(seg < 0)
-        if missing.size and self._small:
+        if self._small:
             # a block with 4K pages left from a split refaults at 4K: stop there
             for page in sorted(self._small_in((first + lo) << s, (first + hi) << s)):
                 b = (page >> s) - first - lo
@@ -527,6 +531,25 @@ class HostMemory:
                     if base >= 0 and base >= pfn:
                         self._restore(hp, base + (hp & (n - 1)))
         return hi - lo
+
+    def _fault_in_fresh(self, vma: Vma, lo: int, hi: int) -> int:
+        """:meth:`_fault_in_blocks` when no block of ``[lo, hi)`` is populated and
+        nothing is split or swapped: one pfn run written in place."""
+        assert vma.blocks is not None
+        level = vma.page_level
+        s = 9 * (level - 1)
+        n = 1 << s
+        pfn = (self._next_pfn + n - 1) & ~(n - 1)
+        k = min(hi - lo, max(0, (self._ram_limit_pfn - pfn) // n))
+        if k:
+            seg = vma.blocks[lo : lo + k]
+            np.multiply(_iota(k), n, out=seg)
+            seg += pfn
+            self._next_pfn = pfn + k * n
+            self.stats.pfn_allocations += k * n
+            self.stats.pages_populated += k * n
+            self._add_run(pfn, (vma.first_block + lo) << s, k, level)
+        return k
 
     def _fault_in(self, vma: Vma, page: int) -> int:
         level = vma.page_level
@@ -853,6 +876,18 @@ class HostMemory:
                 del self._swapped[page]
         self.stats.pages_reclaimed += dropped
         return dropped
+
+
+_IOTA = np.arange(0, dtype=np.int64)
+
+
+def _iota(k: int) -> np.ndarray:
+    """``np.arange(k)`` as a read-only view of a cached array (no allocation)."""
+    global _IOTA
+    if _IOTA.size < k:
+        _IOTA = np.arange(max(k, 2 * _IOTA.size), dtype=np.int64)
+        _IOTA.flags.writeable = False
+    return _IOTA[:k]
 
 
 def _with_blocks(vma: Vma, parent: Vma | None) -> Vma:

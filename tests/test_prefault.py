@@ -99,3 +99,127 @@ def test_prefault_eagain_on_invalid_slot() -> None:
 
 def test_prefault_error_code_is_guest_final_read() -> None:
     assert PFERR_GUEST_FINAL_MASK == 1 << 32
+
+
+GB = 1 << 30
+MB2 = 2 << 20
+
+
+def _state(vm: Any) -> dict[str, Any]:
+    """Every table row and its metadata, the free list, the host's pfns and stats."""
+    pool, host = vm.mmu.pool, vm.host
+    top = pool._top
+    return {
+        "data": pool.data[:top].tolist(),
+        "meta": [a[:top].tolist() for a in (pool.level, pool.gfn, pool.live, pool.nx_disallowed)],
+        "free": list(pool._free),
+        "small": dict(host._small),
+        "blocks": [None if v.blocks is None else v.blocks.tolist() for v in host.vmas()],
+        "runs": (list(host._run_pfns), list(host._runs)),
+        "next_pfn": host._next_pfn,
+        "host_stats": vars(host.stats).copy(),
+        "pf_fixed": vm.stats["pf_fixed"],
+    }
+
+
+def _huge_pair(
+    slot_size: int, page_level: int, setup: Any = None, flags: int = 0
+) -> tuple[Any, Any]:
+    def build() -> Any:
+        vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx"))
+        vm.host.mmap_anon(HVA, slot_size + GB, page_level=page_level)
+        vm.set_user_memory_region(0, flags, 0, slot_size, HVA)
+        if setup is not None:
+            setup(vm)
+        return vm
+
+    return build(), build()
+
+
+def _prefault_both(bulk: Any, scalar: Any, gpa: int, size: int) -> None:
+    done = 0
+    while done < size:
+        done += bulk.pre_fault_memory(gpa + done, size - done)
+    assert done == size
+    done = 0
+    while done < size:
+        done += scalar.mmu._prefault_one(gpa + done, size - done, None)
+
+
+def _disallow(vm: Any, gfn: int) -> None:
+    vm.memslots.gfn_to_memslot(gfn).disallow_lpage(gfn)
+
+
+HUGE_CASES: dict[str, tuple[int, Any, int, int, int]] = {
+    # name: (VMA page level, setup, slot flags, gpa, size)
+    "thp_whole": (2, None, 0, 0, 3 * GB),
+    "thp_partial_range": (2, None, 0, GB - 6 * MB2, GB + 10 * MB2 + 0x3000),
+    "thp_disallowed_frame": (
+        2,
+        lambda vm: _disallow(vm, (GB + 7 * MB2 + 0x5000) >> 12),
+        0,
+        0,
+        3 * GB,
+    ),
+    "thp_tracked_gfn": (2, lambda vm: vm.write_track_add_gfn(0x4_0123), 0, 0, 3 * GB),
+    "thp_dirty_logging": (2, None, kvmmu.KVM_MEM_LOG_DIRTY_PAGES, GB - 4 * MB2, 8 * MB2),
+    "thp_existing_4k_and_2m": (
+        2,
+        lambda vm: [
+            vm.mmu.page_fault(vm.vcpus[0], GB + 0x40_5000, 2),
+            vm.mmu._prefault_one(GB + 0x80_0000, MB2, None),
+        ],
+        0,
+        0,
+        3 * GB,
+    ),
+    "thp_free_list": (
+        2,
+        lambda vm: (
+            [vm.mmu._prefault_one(g * GB, MB2, None) for g in range(3)] + [vm.zap_all_fast()]
+        ),
+        0,
+        0,
+        3 * GB,
+    ),
+    "hugetlb_1g": (3, None, 0, 0, 3 * GB),
+    "hugetlb_partial_range": (3, None, 0, GB - 4 * MB2, 2 * GB + 0x3000),
+    "hugetlb_disallowed_frame": (3, lambda vm: _disallow(vm, (GB + 3 * MB2) >> 12), 0, 0, 3 * GB),
+    "hugetlb_tracked_gfn": (3, lambda vm: vm.write_track_add_gfn(0x4_0123), 0, 0, 3 * GB),
+    "hugetlb_existing_pd": (3, lambda vm: _disallow(vm, GB >> 12), 0, 0, 3 * GB),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_CASES))
+def test_prefault_huge_equals_per_page_faults(case: str) -> None:
+    """The vectorised 2M/1G path builds the very tables, pfns and host state of per-page faults."""
+    level, setup, flags, gpa, size = HUGE_CASES[case]
+    bulk, scalar = _huge_pair(3 * GB, level, setup, flags)
+    _prefault_both(bulk, scalar, gpa, size)
+    assert _state(bulk) == _state(scalar)
+    assert bulk.mmu.check_invariants() == []
+    if flags:
+        assert np.array_equal(bulk.get_dirty_log(0), scalar.get_dirty_log(0))
+
+
+def test_prefault_huge_maps_1g_and_2m_levels() -> None:
+    bulk, _ = _huge_pair(3 * GB, 3, lambda vm: _disallow(vm, (GB + 3 * MB2) >> 12))
+    assert bulk.pre_fault_memory(0, 3 * GB) == 3 * GB
+    levels = [bulk.mmu.translate(gpa)[1] for gpa in (0x1234_5000, GB, GB + 3 * MB2, 2 * GB)]
+    assert levels == [3, 2, 1, 3]  # the disallowed frame's region at 2M, its frame at 4K
+
+
+def test_prefault_huge_skips_during_invalidation() -> None:
+    """An invalidation in progress: the per-page path (which retries its gfns) runs."""
+
+    def start(vm: Any) -> None:
+        vm.host.invalidate_range_start(HVA + 2 * GB, HVA + 2 * GB + MB2)
+
+    bulk, scalar = _huge_pair(3 * GB, 2, start)
+    assert bulk.mmu._prefault_huge(0, GB, None) == 0
+    _prefault_both(bulk, scalar, 0, 64 * MB2)
+    assert _state(bulk) == _state(scalar)
+    for vm in (bulk, scalar):
+        vm.host.invalidate_range_end(HVA + 2 * GB, HVA + 2 * GB + MB2)
+    _prefault_both(bulk, scalar, 0, GB)
+    assert _state(bulk) == _state(scalar)

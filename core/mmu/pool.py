@@ -88,15 +88,18 @@ class SptePool:
     def alloc_many(self, n: int, level: int, gfns: np.ndarray) -> np.ndarray:
         """Allocate ``n`` zeroed tables at once (bulk pre-fault).
 
-        Fresh rows are contiguous when the free list is empty, which lets a
-        caller write them as one slice. Returns the indices (int64).
+        The rows are those ``n`` calls of :meth:`alloc` would return, in the
+        same order (free list last-in first, then fresh rows), so a bulk
+        path builds the very tables the per-fault path builds. Fresh rows
+        are contiguous when the free list is empty, which lets a caller write
+        them as one slice. Returns the indices (int64).
         """
         from_free = min(n, len(self._free))
         idxs = np.empty(n, dtype=np.int64)
         if from_free:
             taken = self._free[len(self._free) - from_free :]
             del self._free[len(self._free) - from_free :]
-            idxs[:from_free] = taken
+            idxs[:from_free] = taken[::-1]
             self.data[idxs[:from_free]] = 0
         rest = n - from_free
         if rest:
