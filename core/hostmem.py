@@ -542,9 +542,7 @@ class HostMemory:
         pfn = (self._next_pfn + n - 1) & ~(n - 1)
         k = min(hi - lo, max(0, (self._ram_limit_pfn - pfn) // n))
         if k:
-            seg = vma.blocks[lo : lo + k]
-            np.multiply(_iota(k), n, out=seg)
-            seg += pfn
+            np.add(_steps(k, n), pfn, out=vma.blocks[lo : lo + k])
             self._next_pfn = pfn + k * n
             self.stats.pfn_allocations += k * n
             self.stats.pages_populated += k * n
@@ -878,16 +876,17 @@ class HostMemory:
         return dropped
 
 
-_IOTA = np.arange(0, dtype=np.int64)
+_STEPS: dict[int, np.ndarray] = {}
 
 
-def _iota(k: int) -> np.ndarray:
-    """``np.arange(k)`` as a read-only view of a cached array (no allocation)."""
-    global _IOTA
-    if _IOTA.size < k:
-        _IOTA = np.arange(max(k, 2 * _IOTA.size), dtype=np.int64)
-        _IOTA.flags.writeable = False
-    return _IOTA[:k]
+def _steps(k: int, n: int) -> np.ndarray:
+    """``np.arange(k) * n`` (block pfn offsets) as a read-only view of a cached array."""
+    arr = _STEPS.get(n)
+    if arr is None or arr.size < k:
+        arr = np.arange(max(k, 2 * (0 if arr is None else arr.size)), dtype=np.int64) * n
+        arr.flags.writeable = False
+        _STEPS[n] = arr
+    return arr[:k]
 
 
 def _with_blocks(vma: Vma, parent: Vma | None) -> Vma:
