@@ -223,3 +223,30 @@ def test_prefault_huge_skips_during_invalidation() -> None:
         vm.host.invalidate_range_end(HVA + 2 * GB, HVA + 2 * GB + MB2)
     _prefault_both(bulk, scalar, 0, GB)
     assert _state(bulk) == _state(scalar)
+
+
+def test_prefault_honours_per_frame_guest_mtrr_types_in_6_8_with_noncoherent_dma() -> None:
+    """memtype.md §7/§8: in 6.7-6.10 with noncoherent DMA the EPT memtype is the
+    guest MTRR type per page and huge mappings stop at MTRR boundaries; a bulk
+    pre-fault must give every frame its own type, exactly as faults do."""
+
+    def build() -> Any:
+        vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", era="6.8"))
+        vm.host.mmap_anon(HVA, 1 << 30, page_level=2)
+        vm.set_user_memory_region(0, 0, 0, 1 << 30, HVA)
+        vm.register_noncoherent_dma()
+        v = vm.vcpus[0]
+        v.set_sregs(cr0=0x11)  # caches on: CR0.CD set would make it WB (quirk on)
+        v.set_msr(0x200, 0x0080_0000 | 0)  # PHYSBASE0: 8 MiB, UC
+        v.set_msr(0x201, (((1 << 46) - 1) & ~((2 << 20) - 1)) | (1 << 11))  # 2 MiB, valid
+        v.set_msr(0x2FF, (1 << 11) | 6)  # MTRRs on, default WB
+        return vm
+
+    bulk, scalar = build(), build()
+    _prefault_both(bulk, scalar, 0, 16 << 20)
+    gfns = range(0, 4096, 3)
+    assert _table_image(bulk, gfns) == _table_image(scalar, gfns)
+    uc = bulk.mmu.translate(0x80_0000)
+    wb = bulk.mmu.translate(0x40_0000)
+    assert uc is not None and (uc[0] >> 3) & 7 == 0  # the UC frame's SPTE is UC
+    assert wb is not None and (wb[0] >> 3) & 7 == 6

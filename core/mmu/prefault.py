@@ -125,7 +125,10 @@ class PrefaultMixin(FaultMixin):
         vm = self.vm
         max_level = self.max_huge_page_level
         hook_lvl = vm.hooks.max_mapping_level(vcpu, gfn & ~((1 << 18) - 1), max_level)
-        uniform = hook_lvl is None or hook_lvl >= S.PG_LEVEL_2M
+        # The vendor's level at the 1G region's start speaks for the whole
+        # region only if it allows 1G (kvm_mtrr_check_gfn_range_consistency
+        # over KVM_PAGES_PER_HPAGE(1G)); a 2M answer covers the first frame only.
+        uniform = hook_lvl is None or hook_lvl >= S.PG_LEVEL_1G
         if max_level >= 3 and not slot.logs_dirty and (hook_lvl is None or hook_lvl >= 3):
             # Would the fault at gfn map the whole 1G region? It faults the
             # host page in first (hva_to_pfn), then takes the host level.
