@@ -27,7 +27,8 @@ from kvmmu.mmu.fault import (
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
 )
-from kvmmu.mmu.tdp import TdpBase, hull_union
+from kvmmu.mmu.invalidate import MmuNotifierMixin, hull_union
+from kvmmu.mmu.tdp import TdpBase
 from kvmmu.quirks import KVM_X86_QUIRK_SLOT_ZAP_ALL
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ _PS = S.PT_PAGE_SIZE_MASK
 _ADDR = S.SPTE_BASE_ADDR_MASK
 
 
-class OpsMixin(TdpBase):
+class OpsMixin(TdpBase, MmuNotifierMixin):
     """Zap, invalidate, write-protect and hardware-walk operations."""
 
     #: A TDP MMU, not the shadow MMU (``vcpu.access`` asks).
@@ -135,38 +136,15 @@ class OpsMixin(TdpBase):
         return None
 
     # --------------------------------------------------------- MMU notifiers
-    def invalidate_range_start(self, hva_start: int, hva_end: int) -> None:
-        """``kvm_mmu_notifier_invalidate_range_start``.
+    def mn_unmap_gfn_range(self, slot: Memslot, start: int, end: int) -> tuple[int, int] | None:
+        """``kvm_tdp_mmu_unmap_gfn_range``: zap the leaves in the slot's address space."""
+        return self.zap_leafs(start, end, slot.as_id)
 
-        For every slot (both address spaces) the hva range hits: begin once
-        (on the first hit), ``range_add`` its gfns, zap those gfns' leaves
-        in that address space, then one flush over the changed hull.
-        """
-        ranges = self.vm.memslots.hva_range_to_gfn_ranges(hva_start, hva_end)
-        self._mn_found.append((hva_start, hva_end, bool(ranges)))
-        if not ranges:
-            return
-        inv = self.invalidate
-        inv.begin()
-        lo, hi = -1, -1
-        for slot, g0, g1 in ranges:
-            inv.range_add(g0, g1)
-            hull = self.zap_leafs(g0, g1, slot.as_id)
-            if hull is not None:
-                lo = hull[0] if lo < 0 else min(lo, hull[0])
-                hi = max(hi, hull[1])
-        self.flush_range(None if lo < 0 else (lo, hi))
+    def mn_flush(self, hull: tuple[int, int] | None) -> None:
+        self.flush_range(hull)
 
-    def invalidate_range_end(self, hva_start: int, hva_end: int) -> None:
-        """``kvm_mmu_notifier_invalidate_range_end``: ``invalidate_end`` if start
-        found a slot (seq++, then in_progress--)."""
-        for n, (s, e, found) in enumerate(self._mn_found):
-            if s == hva_start and e == hva_end:
-                del self._mn_found[n]
-                if found:
-                    self.invalidate.end()
-                return
-        raise ValueError(f"invalidate_range_end [{hva_start:#x}, {hva_end:#x}) without a start")
+    def mn_lock(self) -> None:
+        """The TDP MMU unmaps under ``read_lock(mmu_lock)``; no contention is modelled."""
 
     # -------------------------------------------------------- write-protect
     def write_protect_gfn(self, slot: Memslot, gfn: int, level: int = 1) -> bool:

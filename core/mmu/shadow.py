@@ -36,6 +36,7 @@ from kvmmu.mmu.fault import (
     RET_PF_INVALID,
     RET_PF_RETRY,
 )
+from kvmmu.mmu.invalidate import MmuNotifierMixin
 from kvmmu.mmu.shadow_fetch import FaultStep, ShadowFetch
 from kvmmu.mmu.shadow_page import KVM_MMU_NUM_PREV_ROOTS, MmuLockContended, ShadowPage
 from kvmmu.mmu.shadow_walk import gpte_access, gpte_to_gfn
@@ -55,7 +56,7 @@ _W = S.PT_WRITABLE_MASK
 _PS = S.PT_PAGE_SIZE_MASK
 
 
-class ShadowMmu(ShadowFetch):
+class ShadowMmu(ShadowFetch, MmuNotifierMixin):
     """KVM's shadow MMU for one VM (``vm.config.tdp`` False)."""
 
     # ------------------------------------------------------------- roots
@@ -506,30 +507,17 @@ class ShadowMmu(ShadowFetch):
         self._flush_hull((lo, hi))
 
     # ------------------------------------------------------- MMU notifiers
-    def invalidate_range_start(self, hva_start: int, hva_end: int) -> None:
-        """``kvm_mmu_notifier_invalidate_range_start``: begin, add, zap leaves, flush."""
-        ranges = self.vm.memslots.hva_range_to_gfn_ranges(hva_start, hva_end)
-        self._mn_found.append((hva_start, hva_end, bool(ranges)))
-        if not ranges:
-            return
+    def mn_lock(self) -> None:
         self._need_lock("kvm_mmu_notifier_invalidate_range_start")
-        self.invalidate.begin()
-        lo, hi = self.max_gfn + 1, 0
-        for _slot, g0, g1 in ranges:
-            self.invalidate.range_add(g0, g1)
-            a, b = self._zap_leafs(g0, g1)
-            lo, hi = min(lo, a), max(hi, b)
-        self._flush_hull((lo, hi))
 
-    def invalidate_range_end(self, hva_start: int, hva_end: int) -> None:
-        """``kvm_mmu_notifier_invalidate_range_end``: ``invalidate_end`` if start found a slot."""
-        for n, (s, e, found) in enumerate(self._mn_found):
-            if s == hva_start and e == hva_end:
-                del self._mn_found[n]
-                if found:
-                    self.invalidate.end()
-                return
-        raise ValueError(f"invalidate_range_end [{hva_start:#x}, {hva_end:#x}) without a start")
+    def mn_unmap_gfn_range(self, slot: Memslot, start: int, end: int) -> tuple[int, int] | None:
+        """``kvm_unmap_gfn_range`` -> ``kvm_zap_rmap``: zap the leaves mapping the gfns."""
+        lo, hi = self._zap_leafs(start, end)
+        return (lo, hi) if lo < hi else None
+
+    def mn_flush(self, hull: tuple[int, int] | None) -> None:
+        if hull is not None:
+            self.flush_gfns(hull[0], hull[1] - hull[0])
 
     def pre_fault_memory(self, gpa: int, size: int) -> int:
         """``kvm_arch_vcpu_pre_fault_memory``: refused without TDP (spec/kvm-mmu-2.md §6)."""

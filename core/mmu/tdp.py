@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kvmmu import spte as S
-from kvmmu.mmu.invalidate import InvalidateState
+from kvmmu.mmu.invalidate import InvalidateState, hull_union
 from kvmmu.mmu.pool import SPTE_ENT_PER_PAGE, SptePool, pool_base_for
 
 if TYPE_CHECKING:
     from kvmmu.memslot import Memslot
     from kvmmu.spte import SpteFormat
 
-__all__ = ["Root", "TdpBase", "hull_union"]
+__all__ = ["Root", "TdpBase"]
 
 _PS = np.uint64(S.PT_PAGE_SIZE_MASK)
 _ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
@@ -390,12 +390,3 @@ class TdpBase:
             return level
         host_level = self.vm.host.host_mapping_level(slot.gfn_to_hva(gfn))
         return min(host_level, level)
-
-
-def hull_union(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The smallest ``[lo, hi)`` covering both hulls (None = empty)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a[0], b[0]), max(a[1], b[1])
