@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from kvmmu.errors import ExitCode, KvmmuError
+from kvmmu.report import print_report, run_with_progress
 from rich.console import Console
 from rich.table import Table
 
@@ -225,103 +226,6 @@ def main(argv: list[str] | None = None) -> None:
 # --------------------------------------------------------------------------
 
 
-def _run_with_progress(sc: Any, vendor: str | None, era: str | None, quiet: bool) -> dict[str, Any]:
-    """Run a scenario; a rich progress bar appears if it runs over a second."""
-    import time
-
-    from kvmmu.runner import ScenarioRun
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    run = ScenarioRun(sc, vendor=vendor, era=era)
-    total = run.total_steps()
-    start = time.monotonic()
-    progress: Progress | None = None
-    task = None
-
-    def tick(n: int) -> None:
-        nonlocal progress, task
-        if quiet:
-            return
-        if progress is None:
-            if time.monotonic() - start < 1.0:
-                return
-            progress = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=True,
-            )
-            progress.start()
-            task = progress.add_task(f"{sc.name} ({run.vm.config.vendor})", total=total)
-            progress.update(task, completed=run.steps)
-        assert task is not None
-        progress.advance(task, n)
-
-    try:
-        return run.run(tick)
-    finally:
-        if progress is not None:
-            progress.stop()
-
-
-def _print_report(rep: dict[str, Any]) -> None:
-    console.rule(
-        f"[bold]{rep['scenario']}[/] — {rep['vendor']}, era {rep['era']}, "
-        f"tdp={'on' if rep['tdp'] else 'off'}"
-    )
-    t = Table(title="Faults and exits", show_header=True)
-    t.add_column("what")
-    t.add_column("count", justify="right")
-    for k, v in rep["faults"].items():
-        t.add_row(f"RET_PF_{k}", str(v))
-    for k in (
-        "accesses",
-        "guest_faults",
-        "emulated_writes",
-        "mmio_exits",
-        "track_writes",
-        "remote_tlb_flushes",
-    ):
-        t.add_row(k, str(rep[k]))
-    console.print(t)
-    mt = Table(title="Effective memory types per memslot")
-    mt.add_column("slot")
-    mt.add_column("types seen (accesses)")
-    for slot, types in rep["memtypes"].items():
-        mt.add_row(slot, ", ".join(f"{k}: {v}" for k, v in types.items()))
-    console.print(mt)
-    for name, section in rep["plugins"].items():
-        pt = Table(title=f"plugin {name}")
-        pt.add_column("key")
-        pt.add_column("value")
-        for k, v in section.items():
-            pt.add_row(str(k), _summary(v))
-        console.print(pt)
-    inv = rep["invariants"]
-    colour = "green" if not inv["violations"] else "red"
-    console.print(
-        f"[{colour}]invariants: {inv['checked']} checks, {len(inv['violations'])} violations[/]"
-    )
-    for v in inv["violations"]:
-        console.print(f"  [red]- {v}[/]")
-
-
-def _summary(v: Any) -> str:
-    """A one-line view of a report value: scalars as they are, long lists counted."""
-    if isinstance(v, str):
-        return v
-    text = json.dumps(v, default=str)
-    if len(text) <= 160:
-        return text
-    if isinstance(v, list):
-        return f"<{len(v)} rows; see --json>"
-    if isinstance(v, dict):
-        return f"<{len(v)} keys; see --json>"
-    return text[:157] + "..."
-
-
 @cli.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("scenario", required=False)
 @click.option("--vendor", help="run under this vendor instead of the scenario's")
@@ -332,11 +236,11 @@ def run_cmd(scenario: str | None, vendor: str | None, era: str | None, as_json: 
     from kvmmu.scenario import load_scenario
 
     sc = load_scenario(scenario)
-    rep = _run_with_progress(sc, vendor, era, quiet=as_json)
+    rep = run_with_progress(sc, vendor, era, quiet=as_json)
     if as_json:
         emit_json(rep)
     else:
-        _print_report(rep)
+        print_report(console, rep)
     if rep["invariants"]["violations"]:
         raise SystemExit(int(ExitCode.CHECK_FAILED))
 
@@ -368,7 +272,7 @@ def compare_cmd(
     runs = []
     for v in vendor_list:
         for e in era_list:
-            rep = _run_with_progress(sc, v, e, quiet=as_json)
+            rep = run_with_progress(sc, v, e, quiet=as_json)
             runs.append(rep)
     result = compare_runs(runs)
     if plot:
