@@ -15,36 +15,46 @@ plugin hooks and the MMU zap:
 4. :meth:`Memslots.commit` - the new slot is installed with fresh (CREATE,
    MOVE) or carried-over (FLAGS_ONLY) metadata; counters and generation move.
 
-guest_memfd is not modelled by default (``supports_gmem=False``): the
-``KVM_MEM_GUEST_MEMFD`` flag is refused by check 2 on the v1 ioctl and by
-check 4 on ``region2``, as on a VM type without private memory.  With
-``supports_gmem=True`` the flag passes check 4 so checks 8 and 14 can be
-exercised; the fd itself is recorded, not bound (check 18 is not modelled).
-
-Choices the kernel leaves to the platform, fixed here:
-
-* a tagged ``userspace_addr`` (check 7) is one with any of bits 57-63 set,
-  i.e. ``untagged_addr`` under x86 LAM57 clears them;
-* ``access_ok(hva, size)`` is ``hva + size <= TASK_SIZE_MAX`` (4-level paging).
+The checks of step 1 are :func:`kvmmu.memslot_checks.check_memory_region`
+(with guest_memfd, ``supports_gmem``, and the platform choices they fix);
+one slot and the UAPI constants are :mod:`kvmmu.memory_slot`, lookups
+:mod:`kvmmu.memslot_lookup`, dirty logging :mod:`kvmmu.dirty_log`.
 """
 
 from __future__ import annotations
 
 import bisect
-import enum
 import errno
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 from kvmmu import dirty_log as _dl
 from kvmmu.dirty_log import DirtyLogMixin
 from kvmmu.errors import KvmError
-from kvmmu.lpage import (
-    alloc_lpage_info,
-    gfn_to_index,
-    update_disallow_count,
+from kvmmu.lpage import alloc_lpage_info
+from kvmmu.memory_slot import (
+    _WT_DTYPE,
+    KVM_ADDRESS_SPACE_NUM,
+    KVM_INTERNAL_MEM_SLOTS,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEM_SLOTS_NUM,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    KVM_MEMSLOT_INVALID,
+    KVM_USER_MEM_SLOTS,
+    LAM_TAG_MASK,
+    TASK_SIZE_MAX,
+    Memslot,
+    MemslotChange,
+    PreparedChange,
+    _no_write_track,
 )
+from kvmmu.memory_slot import PAGE_SHIFT as PAGE_SHIFT  # re-exported, as before the split
+from kvmmu.memory_slot import PAGE_SIZE as PAGE_SIZE
+from kvmmu.memslot_checks import check_memory_region
+from kvmmu.memslot_lookup import MemslotLookupMixin
 
 __all__ = [
     "KVM_ADDRESS_SPACE_NUM",
@@ -65,174 +75,8 @@ __all__ = [
     "PreparedChange",
 ]
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 
-# include/uapi/linux/kvm.h (spec/kvm-mmu.md §1.1)
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_MEM_READONLY = 1 << 1
-KVM_MEM_GUEST_MEMFD = 1 << 2
-# include/linux/kvm_host.h (spec/kvm-mmu.md §1.2)
-KVM_MEMSLOT_INVALID = 1 << 16
-KVM_MEM_SLOTS_NUM = 32767  # SHRT_MAX
-KVM_INTERNAL_MEM_SLOTS = 3
-KVM_USER_MEM_SLOTS = KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS  # 32764
-KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
-KVM_ADDRESS_SPACE_NUM = 2
-KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
-
-#: virt/kvm/kvm_main.c: KVM_SET_USER_MEMORY_REGION_V1_FLAGS
-_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
-#: Bits ``untagged_addr`` clears on x86 with LAM57 (documented choice, check 7).
-LAM_TAG_MASK = 0x7F << 57
-#: arch/x86/include/asm/page_64_types.h, 4-level paging.
-TASK_SIZE_MAX = 0x00007FFFFFFFF000
-_U64 = (1 << 64) - 1
-_U32 = (1 << 32) - 1
-_WT_DTYPE = np.uint16
-
-
-class MemslotChange(enum.Enum):
-    """``enum kvm_mr_change`` (KVM_MR_CREATE ...)."""
-
-    CREATE = 0
-    DELETE = 1
-    MOVE = 2
-    FLAGS_ONLY = 3
-
-
-def _no_write_track(npages: int) -> np.ndarray:
-    """A read-only all-zero view: write tracking not enabled, no memory spent."""
-    return np.broadcast_to(np.zeros(1, dtype=_WT_DTYPE), (npages,))
-
-
-@dataclass(eq=False)
-class Memslot:
-    """``struct kvm_memory_slot`` with its x86 ``arch`` metadata.
-
-    * ``dirty_bitmap``: None unless LOG_DIRTY_PAGES; else a bit-packed uint64
-      array (see :mod:`kvmmu.dirty_log`).
-    * ``gfn_write_track``: uint16 per page.  Allocated only once write tracking
-      is enabled (:meth:`Memslots.enable_write_tracking`, like
-      ``kvm_page_track_write_tracking_enabled``); until then it is a read-only
-      all-zero view, so reads work and a write raises.
-    * ``lpage_info``: level (2, 3) -> int32 ``disallow_lpage`` per huge frame
-      overlapping the slot (spec/kvm-mmu-2.md §5.1).
-    """
-
-    id: int
-    as_id: int
-    base_gfn: int
-    npages: int
-    userspace_addr: int
-    flags: int
-    dirty_bitmap: np.ndarray | None = field(default=None, repr=False)
-    gfn_write_track: np.ndarray = field(default_factory=lambda: _no_write_track(0), repr=False)
-    lpage_info: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
-    gmem_fd: int = 0
-    gmem_offset: int = 0
-    end_gfn: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.end_gfn = self.base_gfn + self.npages
-
-    # -- predicates -----------------------------------------------------------
-    @property
-    def is_readonly(self) -> bool:
-        return bool(self.flags & KVM_MEM_READONLY)
-
-    @property
-    def is_invalid(self) -> bool:
-        return bool(self.flags & KVM_MEMSLOT_INVALID)
-
-    @property
-    def logs_dirty(self) -> bool:
-        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
-    @property
-    def write_tracking_allocated(self) -> bool:
-        return self.gfn_write_track.flags.writeable
-
-    def contains(self, gfn: int) -> bool:
-        return self.base_gfn <= gfn < self.end_gfn
-
-    def _check(self, gfn: int) -> None:
-        if not self.base_gfn <= gfn < self.end_gfn:
-            raise ValueError(
-                f"gfn {gfn:#x} is outside slot {self.as_id}:{self.id} "
-                f"[{self.base_gfn:#x}, {self.end_gfn:#x})"
-            )
-
-    # -- arithmetic -----------------------------------------------------------
-    def gfn_to_hva(self, gfn: int) -> int:
-        """``__gfn_to_hva_memslot``: ``userspace_addr + (gfn - base_gfn) * 4096``."""
-        self._check(gfn)
-        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
-
-    def hva_to_gfn(self, hva: int) -> int:
-        """``hva_to_gfn_memslot``: the gfn this slot maps at ``hva``."""
-        return self.base_gfn + ((hva - self.userspace_addr) >> PAGE_SHIFT)
-
-    def lpage_idx(self, gfn: int, level: int) -> int:
-        """``gfn_to_index(gfn, base_gfn, level)`` (spec/kvm-mmu-2.md §5.1)."""
-        return gfn_to_index(gfn, self.base_gfn, level)
-
-    def lpage_disallowed(self, gfn: int, level: int) -> bool:
-        """Whether ``disallow_lpage`` is non-zero for ``gfn`` at ``level`` (2 or 3)."""
-        return bool(self.lpage_info[level][gfn_to_index(gfn, self.base_gfn, level)])
-
-    def disallow_lpage(self, gfn: int) -> None:
-        """``kvm_mmu_gfn_disallow_lpage``: +1 at every huge level (spec/kvm-mmu-2.md §5.1)."""
-        self._check(gfn)
-        update_disallow_count(self.lpage_info, self.base_gfn, gfn, +1)
-
-    def allow_lpage(self, gfn: int) -> None:
-        """``kvm_mmu_gfn_allow_lpage``: -1 at every huge level; underflow is an error."""
-        self._check(gfn)
-        update_disallow_count(self.lpage_info, self.base_gfn, gfn, -1)
-
-    def update_gfn_write_track(self, gfn: int, count: int) -> int:
-        """``update_gfn_write_track`` (spec/kvm-mmu.md §2.3): add ``count``; return the new value.
-
-        Raises if write tracking is not enabled for the VM (the kernel WARNs) or
-        the u16 count would leave ``[0, 65535]``.
-        """
-        self._check(gfn)
-        if not self.gfn_write_track.flags.writeable:
-            raise ValueError(
-                "write tracking is not enabled: call Memslots.enable_write_tracking() first "
-                "(kvm_page_track_write_tracking_enabled)"
-            )
-        i = gfn - self.base_gfn
-        new = int(self.gfn_write_track[i]) + count
-        if not 0 <= new <= 0xFFFF:
-            raise ValueError(f"gfn {gfn:#x}: write-track count would become {new} (u16)")
-        self.gfn_write_track[i] = new
-        return new
-
-
-@dataclass(eq=False)
-class PreparedChange:
-    """A validated change: ``old`` and ``new`` slots and the ``change`` kind.
-
-    ``change`` is None for a no-op modify (the ioctl returns 0).  ``new`` holds
-    the final geometry and flags; its metadata is allocated by :meth:`Memslots.commit`.
-    """
-
-    old: Memslot | None
-    new: Memslot | None
-    change: MemslotChange | None
-    as_id: int
-    id: int
-    max_gfn: int = (1 << 40) - 1
-    external_page_track_user: bool = False
-    arch_checked: bool = False
-    invalid: Memslot | None = None
-    done: bool = False
-    serial: int = 0
-
-
-class Memslots(DirtyLogMixin):
+class Memslots(MemslotLookupMixin, DirtyLogMixin):
     """All memslots of one VM, every address space (``kvm->__memslots``).
 
     ``nr_as_ids`` is ``kvm_arch_nr_memslot_as_ids``: 2 on x86 (SMM), 1 for a VM
@@ -266,114 +110,6 @@ class Memslots(DirtyLogMixin):
         self.memslots_updated: list[Callable[[int, int], None]] = []
         self._serial = 0
         self._in_flight: PreparedChange | None = None
-
-    # ---------------------------------------------------------------- lookup
-    @property
-    def generation(self) -> int:
-        """Generation of address space 0 (``kvm_memslots(kvm)->generation``)."""
-        return self._gen[0]
-
-    def generation_of(self, as_id: int) -> int:
-        """Generation of ``as_id``; congruent to ``as_id`` modulo ``nr_as_ids``."""
-        return self._gen[as_id]
-
-    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> Memslot | None:
-        """``__gfn_to_memslot``: the slot covering ``gfn`` (INVALID slots included).
-
-        Last-hit cache (``slots->last_used_slot``), then bisect on base gfns.
-        """
-        last = self._last[as_id]
-        if last is not None and last.base_gfn <= gfn < last.end_gfn:
-            return last
-        i = bisect.bisect_right(self._bases[as_id], gfn) - 1
-        if i >= 0:
-            slot = self._sorted[as_id][i]
-            if gfn < slot.end_gfn:
-                self._last[as_id] = slot
-                return slot
-        return None
-
-    def id_to_memslot(self, as_id: int, id: int) -> Memslot | None:
-        """``id_to_memslot``: the slot with ``id`` in ``as_id``, or None."""
-        return self._by_id[as_id].get(id)
-
-    def slots(self, as_id: int = 0) -> Iterator[Memslot]:
-        """Slots of ``as_id`` in base-gfn order (``kvm_for_each_memslot``)."""
-        return iter(list(self._sorted[as_id]))
-
-    def __iter__(self) -> Iterator[Memslot]:
-        for as_id in range(self.nr_as_ids):
-            yield from self.slots(as_id)
-
-    def all_slots(self) -> list[Memslot]:
-        """Every slot of every address space (INVALID ones included)."""
-        return list(self)
-
-    def slots_in_gfn_range(self, start: int, end: int, as_id: int = 0) -> list[Memslot]:
-        """``kvm_for_each_memslot_in_gfn_range``: slots overlapping ``[start, end)``."""
-        bases, srt = self._bases[as_id], self._sorted[as_id]
-        i = max(bisect.bisect_right(bases, start) - 1, 0)
-        out = []
-        while i < len(srt) and srt[i].base_gfn < end:
-            if srt[i].end_gfn > start:
-                out.append(srt[i])
-            i += 1
-        return out
-
-    def hva_range_to_gfn_ranges(
-        self, hva_start: int, hva_end: int
-    ) -> list[tuple[Memslot, int, int]]:
-        """(slot, gfn_start, gfn_end) for every slot, every address space, mapping
-        part of ``[hva_start, hva_end)``: what ``kvm_handle_hva_range`` iterates
-        for an MMU-notifier invalidation (INVALID slots included)."""
-        out = []
-        for slot in self:
-            s_hva = slot.userspace_addr
-            e_hva = s_hva + (slot.npages << PAGE_SHIFT)
-            lo, hi = max(hva_start, s_hva), min(hva_end, e_hva)
-            if lo < hi:
-                g0 = slot.base_gfn + ((lo - s_hva) >> PAGE_SHIFT)
-                g1 = slot.base_gfn + ((hi - s_hva + PAGE_SIZE - 1) >> PAGE_SHIFT)
-                out.append((slot, g0, g1))
-        return out
-
-    def gfn_to_hva(self, gfn: int, as_id: int = 0, *, write: bool = False) -> int:
-        """``gfn_to_hva``: the hva of ``gfn``; ``KvmError(EFAULT)`` if it has none.
-
-        EFAULT when no slot covers the gfn or the slot is INVALID
-        (``KVM_HVA_ERR_BAD``), and for ``write`` to a READONLY slot
-        (``KVM_HVA_ERR_RO_BAD``) - ``__gfn_to_hva_many`` in kvm_main.c.
-        """
-        slot = self.gfn_to_memslot(gfn, as_id)
-        if slot is None or slot.flags & KVM_MEMSLOT_INVALID:
-            what = "no memslot covers" if slot is None else "the memslot is being changed for"
-            raise KvmError(errno.EFAULT, f"{what} gfn {gfn:#x} (address space {as_id})")
-        if write and slot.flags & KVM_MEM_READONLY:
-            raise KvmError(errno.EFAULT, f"gfn {gfn:#x} is in read-only slot {slot.id}")
-        return slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
-
-    def translate_range(
-        self, gpa: int, size: int, *, as_id: int = 0, write: bool = False
-    ) -> list[tuple[Memslot, int, int, int]]:
-        """Split ``[gpa, gpa+size)`` into per-page ``(slot, gfn, offset, length)``.
-
-        Pages are walked like ``kvm_read_guest``/``kvm_write_guest``
-        (``next_segment``); any page without a usable hva raises EFAULT as in
-        :meth:`gfn_to_hva`.  ``write`` refuses READONLY slots.
-        """
-        if size < 0 or gpa < 0:
-            raise ValueError(f"translate_range: gpa {gpa:#x} and size {size} must be >= 0")
-        out = []
-        while size:
-            gfn, off = gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
-            n = min(size, PAGE_SIZE - off)
-            self.gfn_to_hva(gfn, as_id, write=write)
-            slot = self.gfn_to_memslot(gfn, as_id)
-            assert slot is not None
-            out.append((slot, gfn, off, n))
-            gpa += n
-            size -= n
-        return out
 
     # ------------------------------------------------------------- validation
     def prepare(
@@ -411,125 +147,13 @@ class Memslots(DirtyLogMixin):
                 "a memslot update is in flight (install_invalid without commit); "
                 "KVM serialises updates with slots_lock"
             )
-        for name, val, top in (
-            ("slot", slot, _U32),
-            ("flags", flags, _U32),
-            ("guest_phys_addr", guest_phys_addr, _U64),
-            ("memory_size", memory_size, _U64),
-            ("userspace_addr", userspace_addr, _U64),
-            ("guest_memfd_offset", guest_memfd_offset, _U64),
-            ("guest_memfd", guest_memfd, _U32),
-        ):
-            if not 0 <= val <= top:
-                raise ValueError(f"{name}={val!r} does not fit the UAPI field (0..{top:#x})")
-
-        def fail(check: str, msg: str, err: int = errno.EINVAL) -> KvmError:
-            return KvmError(err, f"{msg} (spec/kvm-mmu.md §1.3 check {check})")
-
-        if internal:  # kvm_set_internal_memslot
-            if slot < KVM_USER_MEM_SLOTS or flags:
-                raise fail(
-                    "internal", f"internal slot {slot} needs id >= {KVM_USER_MEM_SLOTS}, flags 0"
-                )
-        else:
-            if not region2 and flags & ~_V1_FLAGS:
-                raise fail("2", f"flags {flags:#x} not allowed by KVM_SET_USER_MEMORY_REGION (v1)")
-            if slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
-                raise fail(
-                    "3", f"slot id {slot & 0xFFFF} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})"
-                )
-        # check 4: check_memory_region_flags
-        valid = KVM_MEM_LOG_DIRTY_PAGES
-        if self.supports_gmem:
-            valid |= KVM_MEM_GUEST_MEMFD
-        gmem = bool(flags & KVM_MEM_GUEST_MEMFD)
-        if gmem:
-            valid &= ~KVM_MEM_LOG_DIRTY_PAGES
-        else:
-            valid |= KVM_MEM_READONLY
-        if flags & ~valid:
-            raise fail("4", f"flags {flags:#x} not in the valid set {valid:#x} for this VM")
-        as_id, id_ = slot >> 16, slot & 0xFFFF
-        if memory_size & (PAGE_SIZE - 1):
-            raise fail("5", f"memory_size {memory_size:#x} is not a multiple of 4 KiB")
-        if guest_phys_addr & (PAGE_SIZE - 1):
-            raise fail("6", f"guest_phys_addr {guest_phys_addr:#x} is not 4 KiB aligned")
-        if (
-            userspace_addr & (PAGE_SIZE - 1)
-            or userspace_addr & LAM_TAG_MASK
-            or userspace_addr + memory_size > TASK_SIZE_MAX
-        ):
-            raise fail(
-                "7",
-                f"userspace_addr {userspace_addr:#x} must be 4 KiB aligned, untagged, and "
-                f"with memory_size {memory_size:#x} end at or below "
-                f"TASK_SIZE_MAX {TASK_SIZE_MAX:#x}",
-            )
-        if gmem and (
-            guest_memfd_offset & (PAGE_SIZE - 1) or guest_memfd_offset + memory_size > _U64
-        ):
-            raise fail("8", f"guest_memfd_offset {guest_memfd_offset:#x} unaligned or overflows")
-        if as_id >= self.nr_as_ids or id_ >= KVM_MEM_SLOTS_NUM:
-            raise fail(
-                "9",
-                f"address space {as_id} (allowed < {self.nr_as_ids}) / slot id {id_} "
-                f"(allowed < {KVM_MEM_SLOTS_NUM})",
-            )
-        if guest_phys_addr + memory_size > _U64:
-            raise fail("10", f"guest_phys_addr {guest_phys_addr:#x} + memory_size overflows u64")
-        npages = memory_size >> PAGE_SHIFT
-        if id_ < KVM_USER_MEM_SLOTS and npages > KVM_MEM_MAX_NR_PAGES:
-            raise fail("11", f"{npages} pages > KVM_MEM_MAX_NR_PAGES ({KVM_MEM_MAX_NR_PAGES})")
-        old = self._by_id[as_id].get(id_)
-        base_gfn = guest_phys_addr >> PAGE_SHIFT
-        serial = self._serial
-        if not memory_size:
-            if old is None or not old.npages:
-                raise fail("12", f"cannot delete slot {as_id}:{id_}: it does not exist")
-            if self.nr_memslot_pages < old.npages:
-                raise fail("12b", "nr_memslot_pages < old->npages (WARN)", errno.EIO)
-            return PreparedChange(
-                old, None, MemslotChange.DELETE, as_id, id_, arch_checked=True, serial=serial
-            )
-        if old is None:
-            change = MemslotChange.CREATE
-            if self.nr_memslot_pages + npages > _U64:
-                raise fail("13", "total memslot pages would overflow unsigned long")
-        else:
-            if gmem:
-                raise fail("14", f"slot {as_id}:{id_} is a guest_memfd slot: delete only")
-            if (
-                userspace_addr != old.userspace_addr
-                or npages != old.npages
-                or (flags ^ old.flags) & KVM_MEM_READONLY
-            ):
-                raise fail(
-                    "15",
-                    f"slot {as_id}:{id_} exists: only its gpa or LOG_DIRTY_PAGES may change "
-                    "(not userspace_addr, size or READONLY)",
-                )
-            if base_gfn != old.base_gfn:
-                change = MemslotChange.MOVE
-            elif flags != old.flags:
-                change = MemslotChange.FLAGS_ONLY
-            else:
-                return PreparedChange(old, None, None, as_id, id_, arch_checked=True, serial=serial)
-        if change in (MemslotChange.CREATE, MemslotChange.MOVE):
-            for other in self.slots_in_gfn_range(base_gfn, base_gfn + npages, as_id):
-                if other.id != id_:
-                    raise fail(
-                        "16",
-                        f"gfns [{base_gfn:#x}, {base_gfn + npages:#x}) overlap slot "
-                        f"{as_id}:{other.id} [{other.base_gfn:#x}, {other.end_gfn:#x})",
-                        errno.EEXIST,
-                    )
-        new = Memslot(id_, as_id, base_gfn, npages, userspace_addr, flags)
-        if gmem:
-            new.gmem_fd, new.gmem_offset = guest_memfd, guest_memfd_offset
-        prepared = PreparedChange(
-            old, new, change, as_id, id_, max_gfn, external_page_track_user, serial=serial
-        )
-        if not defer_arch_checks:
+        prepared = check_memory_region(
+            self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
+            region2=region2, guest_memfd=guest_memfd, guest_memfd_offset=guest_memfd_offset,
+            max_gfn=max_gfn, external_page_track_user=external_page_track_user,
+            internal=internal,
+        )  # fmt: skip
+        if not prepared.arch_checked and not defer_arch_checks:
             self.arch_prepare(prepared)
         return prepared
 
