@@ -32,8 +32,16 @@ def build_tree() -> Path:
 
 def main() -> int:
     tree = build_tree()
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-           "-p", "kvmmu", *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "-p",
+        "kvmmu",
+        *sys.argv[1:],
+    ]
     env = {**os.environ, "MYPYPATH": str(tree)}
     return subprocess.call(cmd, cwd=tree, env=env)
 

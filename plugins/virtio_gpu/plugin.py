@@ -380,4 +380,3 @@ class VirtioGpuPlugin:
         if device != DEVICE:
             return None
         return run_action(self, action, args)
-
