@@ -92,6 +92,29 @@ def test_ruff_clean() -> None:
     assert out.returncode == 0, out.stdout
 
 
+def test_ruff_format_clean() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "format",
+            "--check",
+            "core",
+            "plugins",
+            "tests",
+            "benchmarks",
+            "examples",
+            "tools",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout
+
+
 def test_mypy_clean() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "typecheck.py")],
