@@ -470,6 +470,28 @@ def test_gg3_first_half_scratch_not_present_then_other_half_merges() -> None:
     assert vm.check_invariants() == []
 
 
+def test_gg3_gg4_host_entry_of_half_or_non_present_write_is_bare_scratch() -> None:
+    """GG3/GG4: the kernel builds the host entry from 0 (``m = {.val64 = 0}``),
+    so a half-written or non-present GGTT entry is exactly the scratch pfn: not
+    present and none of the guest's other bits (RW, cache bits)."""
+    vm = make_vm()
+    v = vgpu_of(vm)
+    gma = v.ggtt.aperture.base + 0x7000
+    addr = ggtt_gpa(vm, gma)
+    index = gma >> 12
+    cpu = vm.vcpus[0]
+    bare = gtt.set_pfn(0, T.GGTT_PTE, v.gvt.scratch_mfn)
+    val = DATA | gtt.PPAT_UNCACHED | gtt.GEN8_PAGE_RW | 1
+    cpu.access(addr, "write", 4, (val & 0xFFFFFFFF).to_bytes(4, "little"))  # first half
+    assert int(v.ggtt.host_ggtt[index]) == bare
+    cpu.access(addr + 4, "write", 4, (val >> 32).to_bytes(4, "little"))  # other half
+    assert int(v.ggtt.host_ggtt[index]) == gtt.set_pfn(val, T.GGTT_PTE, host_pfn(vm, DATA))
+    cpu.access(addr, "write", 8, (val & ~1).to_bytes(8, "little"))  # not present
+    assert int(v.ggtt.host_ggtt[index]) == bare
+    assert v.dma.kref(DATA >> PAGE_SHIFT) == 0
+    assert vm.check_invariants() == []
+
+
 def test_gg1_gg2_ggtt_sizes_and_ballooned_ranges() -> None:
     vm = make_vm()
     v = vgpu_of(vm)

@@ -125,7 +125,9 @@ class Ggtt:
                 except KvmError:
                     m = gtt.set_pfn(e, T, self.scratch_mfn)  # still present (GG4)
         else:
-            m = gtt.set_pfn(e, T, self.scratch_mfn) & ~gtt.GEN8_PAGE_PRESENT
+            # GG3/GG4: the host entry ``m`` starts from 0, not from the guest
+            # value: only the scratch pfn, not present, no other guest bits.
+            m = gtt.set_pfn(0, T, self.scratch_mfn)
         self.virtual_ggtt[index] = np.uint64(e)
         self._invalidate_host_pte(index)
         self.host_ggtt[index] = np.uint64(m)
