@@ -296,3 +296,31 @@ def test_mmio_spte_stale_after_generation_bump_with_mmu_present_high() -> None:
     vm.mmu.page_fault(v, 0x3000, W)
     assert vm.mmu.translate(0x3000)[0] & (1 << 59)
     assert vm.check_invariants() == []
+
+
+def test_direct_prefetch_stops_window_when_first_page_of_run_unpinnable() -> None:
+    """§3.9: ``direct_pte_prefetch_many`` returns -1 when
+    ``gfn_to_page_many_atomic`` pins nothing, which ends the window scan: the
+    run after the faulting SPTE is not prefetched either."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.mmu.tdp_mmu_enabled = False  # the legacy direct MMU prefetches
+    for g in range(0x11, 0x18):
+        vm.gfn_to_pfn(g, write=True)  # 0x10 stays unpopulated: GUP fast-only pins 0
+    vm.mmu.page_fault(v, 0x13 << 12, W)
+    mapped = [g for g in range(0x10, 0x18) if vm.mmu.translate(g << 12) is not None]
+    assert mapped == [0x13]
+    assert vm.stats["pte_prefetch"] == 0
+
+
+def test_direct_prefetch_partial_run_continues_window() -> None:
+    """§3.9: a run pinned only in part maps that prefix and returns 0, so
+    the scan goes on to the next run."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.mmu.tdp_mmu_enabled = False
+    for g in (0x10, 0x11, 0x14, 0x15, 0x16, 0x17):
+        vm.gfn_to_pfn(g, write=True)  # 0x12 unpopulated: the first run stops there
+    vm.mmu.page_fault(v, 0x13 << 12, W)
+    mapped = [g for g in range(0x10, 0x18) if vm.mmu.translate(g << 12) is not None]
+    assert mapped == [0x10, 0x11, 0x13, 0x14, 0x15, 0x16, 0x17]

@@ -551,7 +551,12 @@ class FaultMixin(TdpBase):
             self._prefetch_many(f, idx, run)
 
     def _prefetch_many(self, f: PageFault, idx: int, run: list[int]) -> bool:
-        """``direct_pte_prefetch_many``: False (-1) stops the window scan."""
+        """``direct_pte_prefetch_many``: False (-1) stops the window scan.
+
+        ``gfn_to_page_many_atomic`` pins a prefix of the run; when it pins
+        nothing (``ret <= 0``) the kernel returns -1 and the scan of the
+        window ends (spec/kvm-mmu.md §3.9).
+        """
         vm = self.vm
         host = vm.host
         base_gfn = int(self.pool.gfn[idx])
@@ -570,6 +575,8 @@ class FaultMixin(TdpBase):
             vma = host.find_vma(hva)
             # get_user_pages_fast_only(FOLL_WRITE): present, writable, not PFNMAP.
             if vma is None or vma.mmio or not vma.writable or not host.is_populated(hva):
+                if n == 0:
+                    return False  # ret == 0: -1, stop scanning the window
                 break
             pfn = host.hva_to_pfn(hva, write=True)
             tracked = self.try_unsync(slot, gfn, True, True)
