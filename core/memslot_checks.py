@@ -160,12 +160,14 @@ def check_memory_region(
         if (
             userspace_addr != old.userspace_addr
             or npages != old.npages
-            or (flags ^ old.flags) & KVM_MEM_READONLY
+            # kvm_set_memory_region: READONLY *and* GUEST_MEMFD may not toggle;
+            # dropping GUEST_MEMFD from a gmem slot fails here, not at check 14.
+            or (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD)
         ):
             raise fail(
                 "15",
                 f"slot {as_id}:{id_} exists: only its gpa or LOG_DIRTY_PAGES may change "
-                "(not userspace_addr, size or READONLY)",
+                "(not userspace_addr, size, READONLY or GUEST_MEMFD)",
             )
         if base_gfn != old.base_gfn:
             change = MemslotChange.MOVE

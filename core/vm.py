@@ -214,12 +214,66 @@ class VM:
 
         ``kvm_get_dirty_log_protect``: the bitmap is harvested and cleared and
         the harvested pages are write-protected again so the next write is
-        logged (spec/kvm-mmu-2.md §7.3).
+        logged (spec/kvm-mmu-2.md §7.3).  With manual protect
+        (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``) GET only copies the bitmap:
+        nothing is cleared or re-protected until :meth:`clear_dirty_log`.
         """
         gfns = self.memslots.get_dirty_log(as_id, slot)
-        if len(gfns):
-            self.mmu.write_protect_gfns(gfns)
+        if len(gfns) and not self.memslots.manual_dirty_log_protect:
+            memslot = self.memslots.id_to_memslot(as_id, slot)
+            assert memslot is not None
+            self._enable_log_dirty_pt_masked(memslot, gfns)
         return gfns
+
+    def clear_dirty_log(
+        self,
+        slot: int,
+        first_page: int,
+        num_pages: int,
+        mask: np.ndarray | None = None,
+        as_id: int = 0,
+    ) -> np.ndarray:
+        """``KVM_CLEAR_DIRTY_LOG`` (``kvm_clear_dirty_log_protect``; spec/kvm-mmu-2.md §7.3).
+
+        Clears the requested bits (``mask``: bool per page, None = all) and
+        re-protects exactly the pages whose bits really were set; returns
+        those gfns.  Errors (EINVAL / ENOENT) are raised before anything changes.
+        """
+        gfns = self.memslots.clear_dirty_log(as_id, slot, first_page, num_pages, mask)
+        if len(gfns):
+            memslot = self.memslots.id_to_memslot(as_id, slot)
+            assert memslot is not None
+            self._enable_log_dirty_pt_masked(memslot, gfns)
+        return gfns
+
+    def _enable_log_dirty_pt_masked(self, slot: Memslot, gfns: np.ndarray) -> None:
+        """``kvm_arch_mmu_enable_log_dirty_pt_masked``, once per 64-page bitmap word.
+
+        With manual protect + INITIALLY_SET the huge pages were never
+        write-protected (spec/kvm-mmu-2.md §7.1), so for each word: eager-split
+        ``[first, last]`` to 4K (if enabled), then write-protect at >= 2M the
+        gfn of the first set bit, and of the last one if it lies in another 2M
+        frame.  Then the 4K SPTEs of the pages themselves (§7.3).
+        """
+        ms = self.memslots
+        if ms.manual_dirty_log_protect and ms.dirty_log_initially_set:
+            rel = np.asarray(gfns, dtype=np.int64) - slot.base_gfn
+            words = rel >> 6
+            split = getattr(self.mmu, "split_huge_pages_range", None)
+            for w in np.unique(words).tolist():
+                sel = rel[words == w]
+                start = slot.base_gfn + int(sel.min())
+                end = slot.base_gfn + int(sel.max())
+                if self.config.eager_page_split and split is not None:
+                    split(start, end + 1, 1, slot.as_id)
+                self.mmu.write_protect_gfn(slot, start, 2)
+                # ALIGN(start << PAGE_SHIFT, PMD_SIZE) != ALIGN(end << PAGE_SHIFT, PMD_SIZE)
+                if -(-start // 512) != -(-end // 512):
+                    self.mmu.write_protect_gfn(slot, end, 2)
+        if self.config.tdp:
+            self.mmu.write_protect_gfns(gfns, slot.as_id)
+        else:
+            self.mmu.write_protect_gfns(gfns)
 
     # guest memory, host side --------------------------------------------
     def gpa_to_hva(self, gpa: int) -> int:

@@ -424,3 +424,15 @@ def test_clear_dirty_log_errors_in_order(ms):
     assert ms.clear_dirty_log(0, 0, 64, 64, mask).tolist() == [64]
     assert ms.dirty_gfns(s).tolist() == [0]
     assert errno_of(ms.get_dirty_log, 0, KVM_USER_MEM_SLOTS) == errno.EINVAL
+
+
+def test_check15_guest_memfd_toggle_refused():
+    """§1.3 check 15: dropping GUEST_MEMFD from a gmem slot is EINVAL, not FLAGS_ONLY."""
+    gm = Memslots(supports_gmem=True)
+    gm.set_memory_region(0, KVM_MEM_GUEST_MEMFD, 0, 0x4000, HVA, region2=True, guest_memfd=5)
+    g, slot = gm.generation, gm.id_to_memslot(0, 0)
+    e = kerr(gm.prepare, 0, 0, 0, 0x4000, HVA, region2=True)
+    assert e.errno == errno.EINVAL and "check 15" in e.message and "GUEST_MEMFD" in e.message
+    e = kerr(gm.set_memory_region, 0, 0, 0x4000, 0x4000, HVA, region2=True)  # MOVE too
+    assert "check 15" in e.message
+    assert gm.generation == g and gm.id_to_memslot(0, 0) is slot and slot.base_gfn == 0

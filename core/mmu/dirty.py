@@ -56,18 +56,14 @@ class DirtyMixin(TdpBase):
         if getattr(self.vm.config, "eager_page_split", True):
             self.split_huge_pages_range(new.base_gfn, new.end_gfn, 1, new.as_id)
         if self.cpu_dirty_log_size:
-            hull_d = self.clear_bits_range(
-                new.base_gfn, new.end_gfn, self.fmt.dirty_mask, 1, new.as_id
-            )
-            hull_w = self.clear_bits_range(
-                new.base_gfn, new.end_gfn, S.PT_WRITABLE_MASK, 2, new.as_id
-            )
-            self.flush_range(_union(hull_d, hull_w))
+            self.clear_bits_range(new.base_gfn, new.end_gfn, self.fmt.dirty_mask, 1, new.as_id)
+            self.clear_bits_range(new.base_gfn, new.end_gfn, S.PT_WRITABLE_MASK, 2, new.as_id)
         else:
             # kvm_mmu_slot_remove_write_access(PG_LEVEL_4K): W only, keep MMU-writable.
-            self.flush_range(
-                self.clear_bits_range(new.base_gfn, new.end_gfn, S.PT_WRITABLE_MASK, 1, new.as_id)
-            )
+            self.clear_bits_range(new.base_gfn, new.end_gfn, S.PT_WRITABLE_MASK, 1, new.as_id)
+        # kvm_flush_remote_tlbs_memslot: always, over the whole slot (§7.1 "Always
+        # flush remote TLBs afterwards"), even when no SPTE changed.
+        self.flush_range((new.base_gfn, new.end_gfn))
 
     def write_protect_gfns(self, gfns: np.ndarray, as_id: int = 0) -> None:
         """Re-protect harvested gfns (``kvm_tdp_mmu_clear_dirty_pt_masked``, wrprot).
@@ -176,11 +172,3 @@ class DirtyMixin(TdpBase):
             if found is not None:
                 return found
         return None
-
-
-def _union(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a[0], b[0]), max(a[1], b[1])
