@@ -373,3 +373,65 @@ def test_page_fault_returns_ret_pf(env: tuple[kvmmu.VM, GuestTables]) -> None:
     v = vm.vcpus[0]
     v.access(0x400000, "read")
     assert vm.mmu.page_fault(v, 0x405000, 0) == RET_PF_FIXED
+
+
+def _unsync_mmio_entry(vm: kvmmu.VM, gt: GuestTables, gva: int, new: int) -> tuple[object, int]:
+    """An MMIO SPTE for ``gva`` in a 4K table made unsync by the guest writing
+    ``new`` into ``gva``'s gPTE; returns (leaf sp, index)."""
+    gt.map(gva, 0x4000000, URW | P.PTE_A | P.PTE_D)
+    gt.map_tables()
+    v = vm.vcpus[0]
+    assert v.access(gva, "read", 4).emulated
+    pte = gt.entry(gva, 1)
+    assert not guest_write_entry(v, pte, new).emulated
+    sp = next(s for s in vm.mmu.active.values() if s.gfn == pte >> 12 and s.role.level == 1)
+    i = (gva >> 12) & 511
+    assert sp.unsync and kvmmu.spte.is_mmio_spte(vm.mmu.fmt, vm.mmu.spte(sp, i))
+    return sp, i
+
+
+def test_invlpg_syncs_unsync_mmio_spte(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.15 INVLPG: ``kvm_sync_spte`` syncs every non-zero entry of an unsync
+    table, MMIO SPTEs included (``sync_mmio_spte``): a gPTE now pointing at
+    RAM clears the MMIO SPTE, so the next access maps RAM instead of emulating
+    the old MMIO gpa."""
+    vm, gt = env
+    sp, i = _unsync_mmio_entry(vm, gt, 0x600000, 0x205000 | URW | P.PTE_A)
+    v = vm.vcpus[0]
+    vm.mmu.invlpg(v, 0x600000)
+    assert vm.mmu.spte(sp, i) == 0
+    r = v.access(0x600000, "read", 4)
+    assert not r.emulated and r.gpa == 0x205000
+    assert vm.check_invariants() == []
+
+
+def test_sync_mmio_spte_same_gfn_is_remarked(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.15 ``sync_mmio_spte``: same gfn -> the MMIO SPTE is re-marked with
+    the new access (current generation), not dropped: no new fault."""
+    vm, gt = env
+    sp, i = _unsync_mmio_entry(vm, gt, 0x600000, 0x4000000 | P.PTE_P | P.PTE_US | P.PTE_A)
+    v = vm.vcpus[0]
+    old = vm.mmu.spte(sp, i)
+    assert kvmmu.spte.get_mmio_spte_access(vm.mmu.fmt, old) & kvmmu.spte.ACC_WRITE_MASK
+    vm.mmu.invlpg(v, 0x600000)
+    spte = vm.mmu.spte(sp, i)
+    assert kvmmu.spte.is_mmio_spte(vm.mmu.fmt, spte)
+    assert kvmmu.spte.get_mmio_spte_gfn(spte) == 0x4000
+    assert not kvmmu.spte.get_mmio_spte_access(vm.mmu.fmt, spte) & kvmmu.spte.ACC_WRITE_MASK
+    created = vm.stats["pf_mmio_spte_created"]
+    assert v.access(0x600000, "read", 4).emulated
+    assert vm.stats["pf_mmio_spte_created"] == created
+
+
+def test_invlpg_of_non_canonical_address_is_a_nop(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.15 ``kvm_mmu_invalidate_addr``: INVLPG of a non-canonical address does
+    nothing, even though its table indices alias a canonical one."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    assert v.access(0x400000, "read").gpa == 0x200000
+    pte = gt.entry(0x400000, 1)
+    guest_write_entry(v, pte, 0x20A000 | URW | P.PTE_A)
+    vm.mmu.invlpg(v, 0xFFFF000000400000)
+    assert v.access(0x400000, "read").gpa == 0x200000
+    vm.mmu.invlpg(v, 0x400000)
+    assert v.access(0x400000, "read").gpa == 0x20A000

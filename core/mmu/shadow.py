@@ -373,6 +373,10 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         entry is synced (``sync_spte``), zapped if that fails; walking stops
         where no unsync child is below.
         """
+        if not paging.canonical(gva, bool(vcpu.cr4 & paging.CR4_LA57)):
+            # kvm_mmu_invalidate_addr: INVLPG of a non-canonical address is a NOP (SDM).
+            self.vm.stats["mmu_invlpg"] += 1
+            return
         self._need_lock("INVLPG")
         st = self.vstate(vcpu)
         roots = ([st.root] if st.root is not None else []) + [r for _p, r in st.prev_roots]
@@ -386,7 +390,8 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
                 i = (gva >> (12 + 9 * (level - 1))) & 511
                 spte = self.spte(sp, i)
                 if S.is_last_spte(spte, level):
-                    if sp.unsync and S.is_shadow_present_pte(spte):
+                    # kvm_sync_spte syncs any non-zero entry: an MMIO SPTE too.
+                    if sp.unsync and spte:
                         gfn, nr = self.spte_flush_range(sp, i)
                         r = self.sync_spte(vcpu, sp, i)
                         if r < 0:

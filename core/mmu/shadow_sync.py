@@ -276,11 +276,15 @@ class ShadowSync(ShadowBase):
         access = sp.role.access & gpte_access(gpte, bool(vcpu.efer & paging.EFER_NXE))
         access = protect_clean_gpte(access, gpte)
         if S.is_mmio_spte(self.fmt, spte):
-            if S.get_mmio_spte_gfn(spte) != gfn or S.get_mmio_spte_access(self.fmt, spte) != (
-                access & self.fmt.mmio_access_mask
-            ):
+            # sync_mmio_spte (mmu.c): another gfn -> cleared; the same gfn ->
+            # re-marked with the new access and the current generation. No
+            # flush either way (an MMIO SPTE is not present).
+            if S.get_mmio_spte_gfn(spte) != gfn:
                 self.set_spte(sp, i, 0)
-                return 1
+            else:
+                self.set_spte(
+                    sp, i, S.make_mmio_spte(self.fmt, gfn, access, self.vm.memslots.generation)
+                )
             return 0
         if gfn != sp.gfns.get(i):
             self.drop_spte(sp, i)
