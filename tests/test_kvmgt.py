@@ -139,6 +139,23 @@ def test_w6_high_half_adds_no_work_before_flush() -> None:
     assert ei.value.errno == errno.ENXIO and spt.stale == {idx}
 
 
+def test_w10_populate_of_leaf_outside_guest_memory_fails_enxio() -> None:
+    """W10 ([GTT] @ f1864235, no ``intel_gvt_is_valid_gfn``): populating a
+    present 4K leaf the host cannot DMA-map fails with ENXIO, the new spt is
+    freed and shadowing the mm fails (L2); nothing stays mapped or tracked."""
+    vm = make_vm()
+    g = GuestPpgtt(vm, 1 << 20, 4 << 20)
+    g.map_4k(0x1000, DATA)
+    g.map_4k(0x2000, 1 << 40)  # outside every memslot
+    v = vgpu_of(vm)
+    with pytest.raises(KvmError) as ei:
+        v.g2v_notify(VGT_G2V_PPGTT_L4_PAGE_TABLE_CREATE, g.pdps)
+    assert ei.value.errno == errno.ENXIO
+    assert v.gtt.mms == [] and v.gtt.spts == {} and v.ptable.gfns == set()
+    assert v.dma.kref(DATA >> PAGE_SHIFT) == 0
+    assert vm.check_invariants() == []
+
+
 # ----------------------------------------------------------------- item 4
 @pytest.mark.parametrize("size", [2, 16])
 def test_w1_write_of_other_size_is_einval_shadow_unchanged(size: int) -> None:

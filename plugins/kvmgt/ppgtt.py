@@ -295,6 +295,10 @@ class VgpuGtt(ABC):
             self.track.enable(gfn)
             self.populate_spt(spt)
         except KvmError:
+            # ``err_free_spt``. Decision (as §5 Q11): entries populated before
+            # the failure are released first, so krefs and child refcounts
+            # stay exact (the kernel's ppgtt_free_spt leaks them).
+            self.clear_shadow_page(spt)
             self.free_spt(spt)
             raise
         return spt
@@ -323,10 +327,11 @@ class VgpuGtt(ABC):
                 s = self.populate_spt_by_guest_entry(ge, gt_)
                 self.set_shadow(spt, i, self.generate_shadow_entry(ge, gt_, s))
                 continue
-            if not self.gfn_is_valid(gtt.get_pfn(ge, gt_)):
-                # a guest leaf outside guest memory points at GVT's scratch page
-                self.set_shadow(spt, i, gtt.set_pfn(ge, gt_, self.ggtt_scratch_mfn))
-                continue
+            # W10: every present leaf is DMA-mapped; one the host cannot pin
+            # (e.g. outside guest memory) fails the populate with ENXIO. The
+            # cited gtt.c has no ``intel_gvt_is_valid_gfn`` scratch fallback
+            # (removed in v6.6 by "drm/i915/gvt: remove interface
+            # intel_gvt_is_valid_gfn").
             self.populate_shadow_entry(spt, i, ge, gt_)
 
     def populate_shadow_entry(self, spt: Spt, index: int, ge: int, gt_: GttType) -> None:
