@@ -40,12 +40,16 @@ def slot_lpages(base_gfn: int, npages: int, level: int) -> int:
     return gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1
 
 
-def alloc_lpage_info(base_gfn: int, npages: int, userspace_addr: int) -> dict[int, np.ndarray]:
+def alloc_lpage_info(
+    base_gfn: int, npages: int, userspace_addr: int, gmem_pgoff: int | None = None
+) -> dict[int, np.ndarray]:
     """Fresh disallow counts, seeded as ``kvm_alloc_memslot_metadata`` does.
 
     At each huge level: a misaligned head frame (``base_gfn % P``) and tail
     frame (``(base_gfn + npages) % P``) get 1; if gpa and hva are not
-    congruent modulo the huge page size, every frame gets 1.
+    congruent modulo the huge page size, every frame gets 1; likewise for a
+    guest_memfd slot whose ``gmem.pgoff`` is not congruent with ``base_gfn``
+    (spec/kvm-mmu-2.md §5.1 table, last rows).
     """
     info: dict[int, np.ndarray] = {}
     ugfn = userspace_addr >> 12
@@ -57,6 +61,8 @@ def alloc_lpage_info(base_gfn: int, npages: int, userspace_addr: int) -> dict[in
         if (base_gfn + npages) & (p - 1):
             linfo[-1] = 1
         if (base_gfn ^ ugfn) & (p - 1):
+            linfo[:] = 1
+        if gmem_pgoff is not None and (base_gfn ^ gmem_pgoff) & (p - 1):
             linfo[:] = 1
         info[level] = linfo
     return info

@@ -283,7 +283,12 @@ class Memslots(MemslotLookupMixin, DirtyLogMixin):
                 assert old is not None
                 new.lpage_info, new.gfn_write_track = old.lpage_info, old.gfn_write_track
             else:  # kvm_alloc_memslot_metadata
-                new.lpage_info = alloc_lpage_info(new.base_gfn, new.npages, new.userspace_addr)
+                new.lpage_info = alloc_lpage_info(
+                    new.base_gfn,
+                    new.npages,
+                    new.userspace_addr,
+                    new.gmem_offset >> PAGE_SHIFT if new.flags & KVM_MEM_GUEST_MEMFD else None,
+                )
                 new.gfn_write_track = (
                     np.zeros(new.npages, dtype=_WT_DTYPE)
                     if self.write_tracking_enabled

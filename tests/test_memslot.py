@@ -436,3 +436,20 @@ def test_check15_guest_memfd_toggle_refused():
     e = kerr(gm.set_memory_region, 0, 0, 0x4000, 0x4000, HVA, region2=True)  # MOVE too
     assert "check 15" in e.message
     assert gm.generation == g and gm.id_to_memslot(0, 0) is slot and slot.base_gfn == 0
+
+
+def test_lpage_info_gmem_pgoff_not_congruent_disallows_every_frame():
+    """§5.1: a gmem slot with (base_gfn ^ gmem.pgoff) % P != 0 gets 1 in every entry."""
+    gm = Memslots(supports_gmem=True)
+    kw = dict(region2=True, guest_memfd=5)
+    ok = gm.set_memory_region(0, KVM_MEM_GUEST_MEMFD, 0, 4 * MB2, 0x40000000, **kw)
+    assert ok.lpage_info[2].tolist() == [0, 0, 0, 0]
+    bad = gm.set_memory_region(
+        1, KVM_MEM_GUEST_MEMFD, GB, 4 * MB2, 0x40000000, guest_memfd_offset=0x1000, **kw
+    )
+    assert bad.lpage_info[2].tolist() == [1, 1, 1, 1] and bad.lpage_info[3].tolist() == [1]
+    # congruent at 2M (offset 2 MiB) but not at 1G
+    mid = gm.set_memory_region(
+        2, KVM_MEM_GUEST_MEMFD, 2 * GB, 4 * MB2, 0x40000000, guest_memfd_offset=MB2, **kw
+    )
+    assert mid.lpage_info[2].tolist() == [0, 0, 0, 0]
