@@ -225,3 +225,45 @@ def test_zap_all_fast_keeps_exported_root_zaps_its_leaves_flushes_exactly() -> N
     assert rec.ranges == [(8, 1)]
     vm.zap_all_fast()
     assert exported.invalid  # no longer exported: fast zap obsoletes it as usual
+
+
+def _gen_vm() -> Any:
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx"))
+    vm.host.mmap_anon(HVA, 4 << 20)
+    vm.set_user_memory_region(0, 0, 0, 2 << 20, HVA)
+    vm.mmu.page_fault(vm.vcpus[0], 0x3000, W)
+    return vm
+
+
+def test_mmio_generation_wrap_zaps_all_fast() -> None:
+    """§3.10: ``kvm_arch_memslots_updated`` -> ``kvm_mmu_invalidate_mmio_sptes``:
+    when the 19-bit MMIO generation (address-space bit stripped) wraps to 0,
+    ``kvm_mmu_zap_all_fast`` runs, so no stale-generation MMIO SPTE can match."""
+    vm = _gen_vm()
+    root = vm.mmu.get_root(0)
+    assert vm.stats["mmu_zap_all_fast"] == 0
+    # as_id 0: the next update moves the generation to 2**19, i.e. MMIO gen 0.
+    vm.memslots._gen[0] = S.MMIO_SPTE_GEN_MASK + 1 - vm.memslots.nr_as_ids
+    vm.set_user_memory_region(1, 0, 2 << 20, 2 << 20, HVA + (2 << 20))
+    assert vm.memslots.generation & S.MMIO_SPTE_GEN_MASK == 0
+    assert vm.stats["mmu_zap_all_fast"] == 1
+    assert root.invalid and vm.mmu.translate(0x3000) is None
+
+
+def test_mmio_generation_without_wrap_does_not_zap() -> None:
+    """§3.10: an ordinary generation bump (no wrap) leaves the roots alone."""
+    vm = _gen_vm()
+    root = vm.mmu.get_root(0)
+    vm.set_user_memory_region(1, 0, 2 << 20, 2 << 20, HVA + (2 << 20))
+    assert vm.stats["mmu_zap_all_fast"] == 0
+    assert not root.invalid and vm.mmu.translate(0x3000) is not None
+
+
+def test_mmio_generation_wrap_detected_in_smm_address_space() -> None:
+    """§3.10: the address-space low bit is stripped, so a wrap of as_id 1's
+    generation (odd values) is detected too."""
+    vm = _gen_vm()
+    vm.memslots._gen[1] = S.MMIO_SPTE_GEN_MASK  # odd: as_id 1; next is 2**19 + 1
+    vm.host.mmap_anon(HVA + (8 << 20), 2 << 20)
+    vm.set_user_memory_region((1 << 16) | 2, 0, 0, 2 << 20, HVA + (8 << 20))
+    assert vm.stats["mmu_zap_all_fast"] == 1
