@@ -156,6 +156,58 @@ def test_w10_populate_of_leaf_outside_guest_memory_fails_enxio() -> None:
     assert vm.check_invariants() == []
 
 
+def test_g2_g3_g4_register_enable_unregister_page_track() -> None:
+    """G2: register only records (EEXIST twice); G3: enable needs a record
+    (ENXIO) and write-protects once; G4: unregistering a tracked gfn removes
+    the protection."""
+    vm = make_vm()
+    v = vgpu_of(vm)
+    gfn = (DATA >> PAGE_SHIFT) + 0x40
+    slot = vm.memslots.gfn_to_memslot(gfn)
+    with pytest.raises(KvmError) as ei:
+        v.track.enable(gfn)
+    assert ei.value.errno == errno.ENXIO
+    v.track.register(gfn, lambda priv, gpa, data: None, None)
+    assert not vm.page_track.is_write_tracked(slot, gfn) and gfn not in v.ptable.gfns
+    with pytest.raises(KvmError) as ei:
+        v.track.register(gfn, lambda priv, gpa, data: None, None)
+    assert ei.value.errno == errno.EEXIST
+    v.track.enable(gfn)
+    v.track.enable(gfn)  # already tracked: no-op
+    assert vm.page_track.is_write_tracked(slot, gfn) and v.ptable.kvm_adds == 1
+    v.track.unregister(gfn)
+    assert not vm.page_track.is_write_tracked(slot, gfn) and v.ptable.kvm_removes == 1
+    assert v.track.find(gfn) is None and gfn not in v.ptable.gfns
+
+
+def test_w3_handler_ignores_written_data_and_rereads_guest_entry() -> None:
+    """W3: the handler re-reads the whole 8-byte guest entry; ``data`` is unused."""
+    vm = make_vm()
+    g, _mm, v = setup(vm)
+    table, idx = g.entry_addr(0x1000, 1)
+    spt = spt_of(v, table)
+    real = (DATA + 0x6000) | DEFAULT_LEAF
+    vm.write_guest(table + idx * 8, real.to_bytes(8, "little"))  # bytes already landed
+    v.gtt.write_protection_handler(spt, table + idx * 8, b"\xff" * 8)
+    assert v.gtt.get_shadow(spt, idx)[0] == gtt.set_pfn(
+        real, T.PPGTT_PTE_4K_ENTRY, host_pfn(vm, DATA + 0x6000)
+    )
+    assert vm.check_invariants() == []
+
+
+def test_g8_vfio_unmap_forces_out_entries_whatever_their_kref() -> None:
+    """G8: ``intel_vgpu_dma_unmap`` removes every cache entry in the range."""
+    vm = make_vm()
+    v = vgpu_of(vm)
+    gfn = (DATA >> PAGE_SHIFT) + 0x50
+    v.dma.map(gfn)
+    v.dma.map(gfn)
+    v.dma.map(gfn + 1)
+    assert v.dma.kref(gfn) == 2
+    assert v.dma.unmap_range(gfn, 1) == 1
+    assert v.dma.kref(gfn) == 0 and v.dma.kref(gfn + 1) == 1
+
+
 # ----------------------------------------------------------------- item 4
 @pytest.mark.parametrize("size", [2, 16])
 def test_w1_write_of_other_size_is_einval_shadow_unchanged(size: int) -> None:
