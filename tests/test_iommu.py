@@ -89,11 +89,97 @@ def test_ioas_map_errnos_and_nothing_half_applied(pinned):
     with pytest.raises(kvmmu.KvmError) as e:
         fd.ioas_map(ioas, GUEST_HVA, 4096, RW | FIX, 0x11000)
     assert errno_of(e) == errno.EEXIST  # FIXED_IOVA never replaces
-    assert fd.ioas_map(ioas, GUEST_HVA, 4096, RW) == 0  # kernel-chosen: lowest free
+    # kernel-chosen: lowest free hole, never IOVA 0 (iopt_alloc_iova starts at PAGE_SIZE)
+    assert fd.ioas_map(ioas, GUEST_HVA, 4096, RW) == 0x1000
     with pytest.raises(kvmmu.KvmError) as e:
         fd.ioas_map(99, GUEST_HVA, 4096, RW)
     assert errno_of(e) == errno.ENOENT
     assert len(fd.ioas(ioas).areas) == 2
+
+
+def test_ioas_map_errno_order_matches_iommufd_ioas_map(pinned):
+    """ioas.c: flags, then u64 overflow, then R/W, and only then the IOAS lookup."""
+    _vm, p = pinned
+    fd = p.iommufd
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.ioas_map(99, GUEST_HVA, 4096, RW | 8)
+    assert errno_of(e) == errno.EOPNOTSUPP
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.ioas_map(99, GUEST_HVA, U64_MAX, RW)
+    assert errno_of(e) == errno.EOVERFLOW
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.ioas_map(99, GUEST_HVA, 4096, FIX)
+    assert errno_of(e) == errno.EINVAL
+    ioas = fd.ioas_alloc()
+    with pytest.raises(kvmmu.KvmError) as e:  # iopt_check_iova: wraps u64
+        fd.ioas_map(ioas, GUEST_HVA, 0x2000, RW | FIX, U64_MAX + 1 - 0x1000)
+    assert errno_of(e) == errno.EOVERFLOW
+    assert fd.ioas(ioas).areas == [] and fd.map_calls == 0
+
+
+def test_ioas_map_auto_iova_never_zero_and_aligned(pinned):
+    """iopt_alloc_iova: no IOVA 0; aligned to min(pow2(length), lowbit(user_va))."""
+    _vm, p = pinned
+    fd = p.iommufd
+    ioas = fd.ioas_alloc()
+    assert fd.ioas_map(ioas, GUEST_HVA, 4096, RW) == 0x1000
+    # 16 KiB from a 16 KiB-aligned VA: the next 16 KiB-aligned hole, not 0x2000
+    assert fd.ioas_map(ioas, GUEST_HVA, 0x4000, RW) == 0x4000
+    assert fd.ioas_map(ioas, GUEST_HVA + 0x1000, 0x2000, RW) == 0x2000  # 4K-aligned VA
+
+
+def test_ioas_unmap_errno_order_and_partial_progress(pinned):
+    """iopt_unmap_iova_range unmaps whole maps in IOVA order until one would be cut."""
+    _vm, p = pinned
+    fd = p.iommufd
+    ioas = fd.ioas_alloc()
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.ioas_unmap(ioas, U64_MAX, 0)  # ULONG_MAX checks come before !length
+    assert errno_of(e) == errno.EOVERFLOW
+    fd.ioas_map(ioas, GUEST_HVA, 0x2000, RW | FIX, 0x10000)
+    fd.ioas_map(ioas, GUEST_HVA, 0x2000, RW | FIX, 0x20000)
+    with pytest.raises(kvmmu.KvmError) as e:  # cuts the first map: nothing happens
+        fd.ioas_unmap(ioas, 0x11000, 0x20000)
+    assert errno_of(e) == errno.ENOENT and len(fd.ioas(ioas).areas) == 2
+    with pytest.raises(kvmmu.KvmError) as e:  # covers the first, cuts the second
+        fd.ioas_unmap(ioas, 0x10000, 0x11000)
+    assert errno_of(e) == errno.ENOENT
+    assert [a.iova for a in fd.ioas(ioas).areas] == [0x20000]
+
+
+def test_hwpt_alloc_and_attach_errnos(pinned):
+    """hw_pagetable.c / device.c: bad pt_id kinds, and auto-domain reuse only."""
+    _vm, p = pinned
+    fd = p.iommufd
+    dev = p.add_device("nic", iopf=False)
+    dev_id = dev.bound.id
+    ioas = p.default_ioas
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.hwpt_alloc(dev_id, ioas, flags=1 << 5)
+    assert errno_of(e) == errno.EOPNOTSUPP
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.hwpt_alloc(999, ioas)
+    assert errno_of(e) == errno.ENOENT
+    for bad in (999, dev_id):  # iommufd_get_object failure is mapped to -EINVAL
+        with pytest.raises(kvmmu.KvmError) as e:
+            fd.hwpt_alloc(dev_id, bad)
+        assert errno_of(e) == errno.EINVAL
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.hwpt_alloc(dev_id, ioas, flags=1)  # NEST_PARENT: no domain_alloc_user here
+    assert errno_of(e) == errno.EOPNOTSUPP
+    nobjs = len(fd.objects)
+    manual = fd.hwpt_alloc(dev_id, ioas)
+    assert len(fd.objects) == nobjs + 1
+    fd.detach(dev_id)
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.attach(dev_id, dev_id)  # a device is neither an IOAS nor a HWPT
+    assert errno_of(e) == errno.EINVAL
+    with pytest.raises(kvmmu.KvmError) as e:
+        fd.attach(dev_id, 999)
+    assert errno_of(e) == errno.ENOENT
+    assert dev.bound.hwpt is None
+    # attaching to the IOAS makes a new auto domain; the manual HWPT is not reused
+    assert fd.attach(dev_id, ioas) != manual
 
 
 def test_ioas_unmap_superset_only(pinned):

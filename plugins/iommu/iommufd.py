@@ -50,6 +50,9 @@ U64_MAX = (1 << 64) - 1
 IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0
 IOMMU_IOAS_MAP_WRITEABLE = 1 << 1
 IOMMU_IOAS_MAP_READABLE = 1 << 2
+#: enum iommufd_hwpt_alloc_flags (spec/consumers.md §2.1)
+IOMMU_HWPT_ALLOC_NEST_PARENT = 1 << 0
+IOMMU_HWPT_ALLOC_DIRTY_TRACKING = 1 << 1
 _MAP_FLAGS = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE
 #: Highest IOVA the modelled IOMMU translates (48-bit, 4-level second level).
 IOVA_LIMIT = 1 << 48
@@ -193,22 +196,26 @@ class Iommufd:
     def ioas_map(self, ioas_id: int, user_va: int, length: int, flags: int, iova: int = 0) -> int:
         """``IOMMU_IOAS_MAP``; returns the IOVA (chosen unless FIXED_IOVA).
 
-        Errors (``ioas.c: iommufd_ioas_map``, ``io_pagetable.c``): unknown
-        flags -EOPNOTSUPP; neither READABLE nor WRITEABLE, zero length or an
-        IOVA/length/user VA not page aligned -EINVAL; past the IOVA space
-        -EOVERFLOW; FIXED_IOVA over a mapped range -EEXIST; no free IOVA
-        range -ENOSPC; pinning an unmapped (or, for WRITEABLE, read-only)
-        user VA -EFAULT.
+        Errors in the kernel's order (``ioas.c: iommufd_ioas_map``, then
+        ``io_pagetable.c``): unknown flags -EOPNOTSUPP; ``iova`` or ``length``
+        >= U64_MAX -EOVERFLOW; neither READABLE nor WRITEABLE -EINVAL; only
+        then an unknown IOAS -ENOENT. Then zero length or an IOVA/length/user
+        VA not page aligned -EINVAL; a FIXED range that wraps u64 -EOVERFLOW,
+        that leaves the modelled aperture (reserved IOVA) -EINVAL or overlaps
+        a mapping -EEXIST; no free IOVA range -ENOSPC; pinning an unmapped
+        (or, for WRITEABLE, read-only) user VA -EFAULT.
         """
-        ioas = self.ioas(ioas_id)
         if flags & ~_MAP_FLAGS:
             raise KvmError(
                 errno.EOPNOTSUPP,
                 f"IOAS_MAP: unknown flags {flags & ~_MAP_FLAGS:#x}; allowed FIXED_IOVA (1), "
                 "WRITEABLE (2), READABLE (4)",
             )
+        if iova >= U64_MAX or length >= U64_MAX:
+            raise KvmError(errno.EOVERFLOW, "IOAS_MAP: iova or length >= ULONG_MAX")
         if not flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE):
             raise KvmError(errno.EINVAL, "IOAS_MAP: flags need READABLE and/or WRITEABLE")
+        ioas = self.ioas(ioas_id)
         if length <= 0:
             raise KvmError(errno.EINVAL, f"IOAS_MAP: length must be positive, got {length}")
         fixed = bool(flags & IOMMU_IOAS_MAP_FIXED_IOVA)
@@ -222,11 +229,14 @@ class Iommufd:
                     f"({PAGE_SIZE:#x})",
                 )
         if fixed:
+            # iopt_check_iova: wrap -EOVERFLOW, reserved IOVA -EINVAL, mapped -EEXIST
+            if iova + length - 1 > U64_MAX:
+                raise KvmError(errno.EOVERFLOW, "IOAS_MAP: iova + length - 1 overflows u64")
             if iova + length > IOVA_LIMIT:
                 raise KvmError(
-                    errno.EOVERFLOW,
-                    f"IOAS_MAP: [{iova:#x}, {iova + length:#x}) exceeds the IOVA space "
-                    f"{IOVA_LIMIT:#x}",
+                    errno.EINVAL,
+                    f"IOAS_MAP: [{iova:#x}, {iova + length:#x}) reaches past the domain "
+                    f"aperture {IOVA_LIMIT:#x} (reserved IOVA)",
                 )
             hit = ioas.overlapping(iova, iova + length - 1)
             if hit:
@@ -236,7 +246,7 @@ class Iommufd:
                     f"mapping at {hit[0].iova:#x}; unmap it first (no replacing)",
                 )
         else:
-            iova = self._alloc_iova(ioas, length)
+            iova = self._alloc_iova(ioas, length, user_va)
         area = Area(
             iova,
             length,
@@ -253,14 +263,25 @@ class Iommufd:
         return iova
 
     @staticmethod
-    def _alloc_iova(ioas: Ioas, length: int) -> int:
-        """Lowest free, page-aligned IOVA range (a model choice; the kernel's
-        ``iopt_alloc_iova`` also aligns to the user VA; -ENOSPC if none)."""
-        cur = 0
+    def _alloc_iova(ioas: Ioas, length: int, user_va: int = 0) -> int:
+        """``iopt_alloc_iova``: the lowest free hole, never IOVA 0 (-ENOSPC if none).
+
+        The search starts at PAGE_SIZE ("Does not return a 0 IOVA even if it
+        is valid") and the IOVA is aligned to ``min(roundup_pow_of_two(length),
+        lowest set bit of user_va)`` (just the first when ``user_va`` is 0) to
+        keep huge-page alignment (``io_pagetable.c``).
+        """
+        align = 1 << (length - 1).bit_length()
+        if user_va:
+            align = min(align, user_va & -user_va)
+        align = max(align, PAGE_SIZE)
+        cur = PAGE_SIZE
         for a in ioas.areas:
+            cur = -(-cur // align) * align
             if a.iova - cur >= length:
                 return cur
             cur = max(cur, a.last + 1)
+        cur = -(-cur // align) * align
         if IOVA_LIMIT - cur >= length:
             return cur
         raise KvmError(errno.ENOSPC, f"IOAS_MAP: no free IOVA range of {length:#x} bytes")
@@ -268,38 +289,49 @@ class Iommufd:
     def ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
         """``IOMMU_IOAS_UNMAP``; returns the bytes unmapped.
 
-        The range must cover whole earlier maps: cutting one is -ENOENT, and
-        so is a range holding no map (``iopt_unmap_iova_range``); length 0 is
-        -EINVAL; an overflowing range -EOVERFLOW. ``(0, U64_MAX)`` unmaps
-        everything and succeeds on an empty IOAS (``iopt_unmap_all``).
+        Kernel order (``ioas.c: iommufd_ioas_unmap``, ``iopt_unmap_iova``):
+        unknown IOAS -ENOENT; ``(0, U64_MAX)`` unmaps everything and succeeds
+        on an empty IOAS (``iopt_unmap_all``); else ``iova`` or ``length`` >=
+        U64_MAX -EOVERFLOW, length 0 -EINVAL, a range wrapping u64
+        -EOVERFLOW. The range must cover whole earlier maps, and a range
+        holding no map is -ENOENT. ``iopt_unmap_iova_range`` works through
+        the maps in IOVA order and stops at the first one the range would
+        cut (-ENOENT): maps below it that the range covers whole are already
+        unmapped by then, as in the kernel (the error carries no byte count).
         """
         ioas = self.ioas(ioas_id)
         unmap_all = iova == 0 and length == U64_MAX
         if not unmap_all:
+            if iova >= U64_MAX or length >= U64_MAX:
+                raise KvmError(errno.EOVERFLOW, "IOAS_UNMAP: iova or length >= ULONG_MAX")
             if length <= 0:
                 raise KvmError(errno.EINVAL, "IOAS_UNMAP: length must be positive")
             if iova < 0 or iova + length - 1 > U64_MAX:
                 raise KvmError(errno.EOVERFLOW, "IOAS_UNMAP: iova + length overflows u64")
         last = U64_MAX if unmap_all else iova + length - 1
         hit = ioas.overlapping(iova, last)
-        for a in hit:
-            if a.iova < iova or a.last > last:
-                raise KvmError(
-                    errno.ENOENT,
-                    f"IOAS_UNMAP: [{iova:#x}, {last + 1:#x}) would split the mapping "
-                    f"[{a.iova:#x}, {a.last + 1:#x}); splitting or truncating is not allowed",
-                )
         if not hit and not unmap_all:
             raise KvmError(
                 errno.ENOENT, f"IOAS_UNMAP: nothing mapped in [{iova:#x}, {last + 1:#x})"
             )
-        for a in hit:
+        unmapped = 0
+        for a in hit:  # sorted by IOVA, like iopt_area_iter_first
+            if a.iova < iova or a.last > last:
+                if unmapped:
+                    self.unmap_calls += 1
+                raise KvmError(
+                    errno.ENOENT,
+                    f"IOAS_UNMAP: [{iova:#x}, {last + 1:#x}) would split the mapping "
+                    f"[{a.iova:#x}, {a.last + 1:#x}); splitting or truncating is not allowed"
+                    + (f" ({unmapped:#x} bytes below it were unmapped)" if unmapped else ""),
+                )
             for hwpt in ioas.hwpts:
                 self._unfill(hwpt.domain, a)
             self._unpin(a)
             ioas.areas.remove(a)
+            unmapped += a.length
         self.unmap_calls += 1
-        return sum(a.length for a in hit)
+        return unmapped
 
     # ------------------------------------------------------------ pinning
     def _pin(self, area: Area) -> None:
@@ -363,11 +395,20 @@ class Iommufd:
     def hwpt_alloc(self, dev_id: int, pt_id: int, flags: int = 0) -> int:
         """``IOMMU_HWPT_ALLOC`` of a HWPT_PAGING over IOAS ``pt_id``.
 
-        ``flags`` NEST_PARENT / DIRTY_TRACKING are not modelled (-EOPNOTSUPP,
-        as an IOMMU without those capabilities answers).
+        Kernel order (``hw_pagetable.c: iommufd_hwpt_alloc``): flags other than
+        NEST_PARENT / DIRTY_TRACKING -EOPNOTSUPP; unknown ``dev_id`` -ENOENT;
+        a ``pt_id`` that is no object, or not an IOAS, -EINVAL (the kernel
+        maps the lookup failure to -EINVAL). NEST_PARENT / DIRTY_TRACKING are
+        not modelled: -EOPNOTSUPP, as an IOMMU without those capabilities
+        answers (no ``domain_alloc_user``).
         """
+        known = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+        if flags & ~known:
+            raise KvmError(errno.EOPNOTSUPP, f"HWPT_ALLOC: unknown flags {flags & ~known:#x}")
         self._get(dev_id, BoundDevice, "HWPT_ALLOC dev_id")
-        ioas = self.ioas(pt_id)
+        ioas = self.objects.get(pt_id)
+        if not isinstance(ioas, Ioas):
+            raise KvmError(errno.EINVAL, f"HWPT_ALLOC: pt_id {pt_id} is not an IOAS")
         if flags:
             raise KvmError(
                 errno.EOPNOTSUPP,
@@ -411,7 +452,10 @@ class Iommufd:
     def attach(self, dev_id: int, pt_id: int) -> int:
         """``IOMMU_*_ATTACH``: attach to a HWPT, or to an IOAS (auto domain); returns the HWPT id.
 
-        Attaching an already attached device is -EINVAL (use replace). A
+        An unknown ``pt_id`` is -ENOENT, an object that is neither an IOAS
+        nor a HWPT -EINVAL (``device.c: iommufd_device_change_pt``). Attaching
+        to an IOAS reuses an existing *auto* HWPT of it, never a manually
+        allocated one. Attaching an already attached device is -EINVAL (use replace). A
         KVM HWPT needs a device with IOPF/PRI (-EOPNOTSUPP otherwise; the
         RFC's use case is devices with full IOPF, T12).
         """
@@ -422,12 +466,17 @@ class Iommufd:
             )
         obj = self.objects.get(pt_id)
         hwpt: HwptPaging | HwptKvm
+        if obj is None:
+            raise KvmError(errno.ENOENT, f"ATTACH: no object with id {pt_id}")
         if isinstance(obj, Ioas):
-            hwpt = obj.hwpts[0] if obj.hwpts else self._new_paging(obj, auto=True)
+            # iommufd_device_auto_get_domain reuses only auto-created domains
+            auto = [h for h in obj.hwpts if h.auto]
+            hwpt = auto[0] if auto else self._new_paging(obj, auto=True)
         elif isinstance(obj, HwptPaging | HwptKvm):
             hwpt = obj
         else:
-            raise KvmError(errno.ENOENT, f"ATTACH: pt_id {pt_id} is neither an IOAS nor a HWPT")
+            # iommufd_device_change_pt: any other object type is -EINVAL
+            raise KvmError(errno.EINVAL, f"ATTACH: pt_id {pt_id} is neither an IOAS nor a HWPT")
         if isinstance(hwpt, HwptKvm) and not bd.dev.iopf:
             raise KvmError(
                 errno.EOPNOTSUPP,
