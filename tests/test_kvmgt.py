@@ -730,3 +730,30 @@ def test_report_section_counts() -> None:
     _g, _mm, _v = setup(vm)
     rep = vm.plugin("kvmgt").kvmmu_report_section(vm)
     assert rep["vgpus"][0]["spts"] == 4 and rep["vgpus"][0]["tracked_gfns"] == 4
+
+
+def test_w6_w10_deferred_slot_split_as_64k_after_ips_switch_is_a_gvt_hazard() -> None:
+    """A kernel hazard the model reproduces (gtt.c, not fixed upstream).
+
+    A 4-byte write to slot 21 of a page table is deferred (W6); the guest then
+    switches the PDE to 64K pages (IPS, W9) before the next submission. At the
+    flush GVT re-reads slot 21 as a 64K entry and splits it over 16 shadow
+    slots (W10) although 21 is not a multiple of 16: ``flush_post_shadow`` and
+    ``split_64KB_gtt_entry`` check nothing (the GEM_BUG_ON is debug-only). The
+    GPU then reaches gma 22 * 4K, which the guest's own walk leaves unmapped.
+    """
+    vm = make_vm(gen=11, has_2m_gtt=False)
+    g = GuestPpgtt(vm, 1 << 20, 4 << 20)
+    pd = g.table_of(0, 2)
+    pt = g.alloc_table()
+    g.write_entry(pd, 0, pt | DEFAULT_PTR)
+    g.write_entry(pt, 0, DATA | DEFAULT_LEAF)
+    v = vgpu_of(vm)
+    mm = v.g2v_notify(VGT_G2V_PPGTT_L4_PAGE_TABLE_CREATE, g.pdps)
+    assert mm is not None
+    g.write_entry(pt, 21, DATA | DEFAULT_LEAF, width="lo")  # deferred (W6)
+    g.write_entry(pd, 0, pt | DEFAULT_PTR | gtt.GEN8_PDE_IPS_64K)  # now a 64K table
+    v.submit_workload(mm)  # the post-shadow flush re-reads slot 21 as 64K
+    gma = 22 * 4096
+    assert g.translate(gma) is None  # the guest: entry 16 (this 64K page) is empty
+    assert v.translate(mm, gma) is not None  # the GPU: reaches a page through slot 22
