@@ -435,3 +435,57 @@ def test_invlpg_of_non_canonical_address_is_a_nop(env: tuple[kvmmu.VM, GuestTabl
     assert v.access(0x400000, "read").gpa == 0x200000
     vm.mmu.invlpg(v, 0x400000)
     assert v.access(0x400000, "read").gpa == 0x20A000
+
+
+def test_prefetch_gpte_needs_a_writable_pfn() -> None:
+    """§3.9 ``FNAME(prefetch_gpte)``: ``gfn_to_pfn_memslot_atomic`` asks for a
+    writable pfn, so nothing in a read-only memslot is prefetched (the scan
+    stops at the first failure); the faulting page itself is mapped."""
+    vm = make_vm()
+    ro_hva = HVA + (64 << 20)
+    vm.host.mmap_anon(ro_hva, 1 << 20)
+    vm.set_user_memory_region(1, kvmmu.KVM_MEM_READONLY, 0x2000000, 1 << 20, ro_hva)
+    gt = GuestTables(vm)
+    for i in range(8):
+        gt.map(0x400000 + i * 0x1000, 0x2000000 + i * 0x1000, URW | P.PTE_A)
+        vm.read_guest(0x2000000 + i * 0x1000, 1)
+    gt.start()
+    r = vm.vcpus[0].access(0x403000, "read")
+    assert r.fault is None and r.gpa == 0x2003000
+    assert vm.stats["mmu_prefetched"] == 0
+    assert vm.check_invariants() == []
+
+
+def test_pte_prefetch_of_direct_sp(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.9: ``FNAME(pte_prefetch)`` delegates a direct sp (a guest 2M page
+    mapped at 4K because the host page is 4K) to ``__direct_pte_prefetch``:
+    the window's runs of populated host pages are mapped too."""
+    vm, gt = env
+    gt.map(0x800000, 0x600000, URW | P.PTE_A | P.PTE_D, level=2)
+    for i in range(8):
+        if i != 5:
+            vm.read_guest(0x600000 + i * 0x1000, 1)
+    v = vm.vcpus[0]
+    r = v.access(0x803000, "read")
+    assert r.gpa == 0x603000 and r.level == 1
+    # 0..2 (run before the faulting entry), then 4 (5 is not populated: the
+    # second run pins only its prefix, 4).
+    assert vm.stats["mmu_prefetched"] == 4
+    for i in range(8):
+        exits = v.access(0x800000 + i * 0x1000, "read").exits
+        assert exits == (1 if i == 5 else 0), i  # 5's fault prefetches 6 and 7
+    assert vm.stats["mmu_prefetched"] == 6
+    assert vm.check_invariants() == []
+
+
+def test_pte_prefetch_with_guest_paging_off() -> None:
+    """§3.9: with guest paging off the fault is ``direct_map``, whose leaf sp
+    is direct: ``direct_pte_prefetch`` fills the window from populated pages."""
+    vm = make_vm()
+    for i in range(8):
+        vm.read_guest(0x300000 + i * 0x1000, 1)
+    v = vm.vcpus[0]
+    v.set_sregs(cr0=1, cr3=0, cr4=0, efer=0)
+    assert v.access(0x302000, "read").gpa == 0x302000
+    assert vm.stats["mmu_prefetched"] == 7
+    assert v.access(0x307000, "read").exits == 0

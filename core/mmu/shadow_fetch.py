@@ -387,8 +387,7 @@ class ShadowFetch(ShadowSync):
         )
         if ret == RET_PF_SPURIOUS:
             return ret
-        if paging_on and not sp.role.direct and gw.level == 1:
-            self.pte_prefetch(vcpu, gw, sp, i)
+        self.pte_prefetch(vcpu, gw, sp, i)
         return ret
 
     def validate_direct_spte(self, sp: ShadowPage, i: int, direct_access: int) -> None:
@@ -406,11 +405,16 @@ class ShadowFetch(ShadowSync):
     def pte_prefetch(self, vcpu: VCpu, gw: GuestWalker, sp: ShadowPage, index: int) -> None:
         """``FNAME(pte_prefetch)`` (paging_tmpl.h; spec/kvm-mmu.md §3.9).
 
-        4K indirect sps only, not during an invalidation: each non-present
-        entry of the aligned 8-entry window (not the faulting one) from the
-        gPTEs ``gpte_changed`` cached; stop at the first failure.
+        4K sps only, not during an invalidation; a direct sp (a guest huge
+        page mapped at 4K, or guest paging off: ``direct_map``) is delegated to
+        ``__direct_pte_prefetch``. Indirect: each non-present entry of the
+        aligned 8-entry window (not the faulting one) from the gPTEs
+        ``gpte_changed`` cached; stop at the first failure.
         """
         if sp.role.level > 1 or self.invalidate.in_progress:
+            return
+        if sp.role.direct:
+            self.direct_pte_prefetch(vcpu, sp, index, gw.gpat)
             return
         first = index & ~(PTE_PREFETCH_NUM - 1)
         for k in range(PTE_PREFETCH_NUM):
@@ -419,3 +423,68 @@ class ShadowFetch(ShadowSync):
                 continue
             if not self.prefetch_gpte(vcpu, sp, i, gw.prefetch_ptes[k], True):
                 break
+
+    def direct_pte_prefetch(self, vcpu: VCpu, sp: ShadowPage, index: int, gpat: int) -> None:
+        """``__direct_pte_prefetch`` (mmu.c; spec/kvm-mmu.md §3.9) for a direct sp.
+
+        Runs of non-present entries of the aligned 8-entry window, split at
+        present ones and at the faulting one, each mapped by
+        :meth:`direct_pte_prefetch_many`; a failed run ends the scan.
+        """
+        first = index & ~(PTE_PREFETCH_NUM - 1)
+        start: int | None = None
+        for i in range(first, first + PTE_PREFETCH_NUM):
+            if i == index or S.is_shadow_present_pte(self.spte(sp, i)):
+                if start is None:
+                    continue
+                if not self.direct_pte_prefetch_many(vcpu, sp, start, i, gpat):
+                    return
+                start = None
+            elif start is None:
+                start = i
+        if start is not None:
+            self.direct_pte_prefetch_many(vcpu, sp, start, first + PTE_PREFETCH_NUM, gpat)
+
+    def direct_pte_prefetch_many(
+        self, vcpu: VCpu, sp: ShadowPage, start: int, end: int, gpat: int
+    ) -> bool:
+        """``direct_pte_prefetch_many``: False is its -1 (stop the scan).
+
+        ``gfn_to_memslot_dirty_bitmap(no_dirty_log = role.access & W)``, then
+        ``gfn_to_page_many_atomic``: a read-only slot or a run leaving the
+        slot pins nothing; otherwise the prefix of present, writable host
+        pages, each mapped with ``mmu_set_spte(role.access, fault=NULL)``.
+        """
+        access = sp.role.access
+        gfn = self.leaf_gfn(sp, start)
+        slot = self.vm.memslots.gfn_to_memslot(gfn)
+        if slot is None or slot.is_invalid:
+            return False
+        if access & S.ACC_WRITE_MASK and slot.logs_dirty:
+            return False
+        if slot.end_gfn - gfn < end - start:
+            return False
+        pfns: list[int] = []
+        for n in range(end - start):
+            pfn = self.atomic_pfn(slot, gfn + n)
+            if pfn is None:
+                break
+            pfns.append(pfn)
+        if not pfns:
+            return False
+        for n, pfn in enumerate(pfns):
+            self.mmu_set_spte(
+                vcpu,
+                slot,
+                sp,
+                start + n,
+                access,
+                gfn + n,
+                pfn,
+                write_fault=False,
+                prefetch=True,
+                host_writable=True,
+                gpat=gpat,
+            )
+            self.vm.stats["mmu_prefetched"] += 1
+        return True

@@ -200,12 +200,22 @@ class ShadowSync(ShadowBase):
         return bad
 
     def atomic_pfn(self, slot: Memslot, gfn: int) -> int | None:
-        """``gfn_to_pfn_memslot_atomic``: the pfn only if the host page is present."""
+        """``gfn_to_pfn_memslot_atomic``: never faults anything in (spec §3.9).
+
+        It asks for a *writable* pfn: ``__gfn_to_hva_many(write)`` fails on a
+        read-only slot (``KVM_HVA_ERR_RO_BAD``) and ``get_user_page_fast_only
+        (FOLL_WRITE)`` needs a present page in a writable, non-PFNMAP VMA
+        ("Prefetching always gets a writable pfn", ``mmu_set_spte``).
+        """
+        if slot.is_readonly:
+            return None
         hva = slot.gfn_to_hva(gfn)
-        if not self.vm.host.is_populated(hva):
+        host = self.vm.host
+        vma = host.find_vma(hva)
+        if vma is None or vma.mmio or not vma.writable or not host.is_populated(hva):
             return None
         try:
-            return self.vm.host.hva_to_pfn(hva, write=False)
+            return host.hva_to_pfn(hva, write=True)
         except KvmError:
             return None
 
@@ -243,7 +253,7 @@ class ShadowSync(ShadowBase):
             pfn,
             write_fault=False,
             prefetch=True,
-            host_writable=not slot.is_readonly,
+            host_writable=True,
             gpat=gpat,
         )
         self.vm.stats["mmu_prefetched"] += 1
