@@ -324,3 +324,91 @@ def test_direct_prefetch_partial_run_continues_window() -> None:
     vm.mmu.page_fault(v, 0x13 << 12, W)
     mapped = [g for g in range(0x10, 0x18) if vm.mmu.translate(g << 12) is not None]
     assert mapped == [0x10, 0x11, 0x13, 0x14, 0x15, 0x16, 0x17]
+
+
+def test_mmio_info_in_cache_emulates_rsvd_fault_before_the_walk() -> None:
+    """§3.10 ``handle_mmio_page_fault``: a vCPU MMIO-cache hit (direct: by GPA,
+    same memslots generation) is EMULATE without looking at the SPTE and
+    without ``kvm_mmu_do_page_fault`` (no ``pf_taken``)."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    gpa = 0x1_0000_0000
+    assert vm.mmu.page_fault(v, gpa, R) == RET_PF_EMULATE
+    assert vm.mmu.mmio_info_in_cache(v, gpa)
+    assert not vm.mmu.mmio_info_in_cache(v, gpa + 0x1000)
+    assert not vm.mmu.mmio_info_in_cache(vm.create_vcpu(), gpa)  # per vCPU
+    taken = vm.stats["pf_taken"]
+    assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK) == RET_PF_EMULATE
+    assert vm.stats["pf_taken"] == taken
+    # MMIO SPTEs are not shadow-present: kvm_zap_gfn_range leaves them (§3.14)
+    vm.mmu.zap_gfn_range(gpa >> 12, (gpa >> 12) + 1)
+    assert S.is_mmio_spte(vm.spte_format, vm.mmu.translate(gpa)[0])
+
+
+def test_noslot_fault_caches_mmio_info_even_with_caching_disabled() -> None:
+    """§3.5 ``kvm_handle_noslot_fault``: ``vcpu_cache_mmio_info`` runs before
+    the ``enable_mmio_caching`` check; the access is masked by
+    ``shadow_mmio_access_mask`` (NPT: W|U)."""
+    vm = _vm(vendor="svm", host_maxphyaddr=52)
+    v = vm.vcpus[0]
+    assert vm.mmu.page_fault(v, 0x1_0000_0000, R) == RET_PF_EMULATE
+    gfn, access, gen = vm.mmu.mmio_info(v)
+    assert gfn == 0x1_0000_0000 >> 12 and access == S.ACC_WRITE_MASK | S.ACC_USER_MASK
+    assert gen == vm.memslots.generation
+    assert vm.mmu.translate(0x1_0000_0000) is None
+
+
+def test_mmio_cache_stale_after_memslot_generation_bump() -> None:
+    """§3.10: the MMIO cache matches only while the memslots generation is
+    unchanged (``vcpu_match_mmio_gen``)."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    gpa = 0x1_0000_0000
+    vm.mmu.page_fault(v, gpa, R)
+    vm.host.mmap_anon(HVA + (1 << 32), 1 << 21)
+    vm.set_user_memory_region(1, 0, 1 << 40, 1 << 21, HVA + (1 << 32))
+    assert not vm.mmu.mmio_info_in_cache(v, gpa)
+    # stale MMIO SPTE: check_mmio_spte fails -> INVALID -> the normal fault
+    # path rebuilds the MMIO SPTE with the new generation (EMULATE).
+    assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK) == RET_PF_EMULATE
+    spte = vm.mmu.translate(gpa)[0]
+    assert S.check_mmio_spte(spte, vm.memslots.generation)
+
+
+def test_fast_page_fault_eligibility() -> None:
+    """§3.11 ``page_fault_can_be_fast``: never for RSVD; not-present only
+    without A/D; present only for writes."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.mmu.page_fault(v, 0x5000, R | PFERR_FETCH_MASK)
+    # A/D enabled: a not-present read goes slow even though a leaf exists
+    assert vm.mmu.page_fault(v, 0x5000, R) == RET_PF_SPURIOUS
+    # present read (not a write): slow path, SPURIOUS from the target level
+    assert vm.mmu.page_fault(v, 0x5000, R | PFERR_PRESENT_MASK) == RET_PF_SPURIOUS
+    assert vm.stats["pf_fast"] == 0
+    # present write on a writable leaf: the fast path says SPURIOUS
+    assert vm.mmu.page_fault(v, 0x5000, W | PFERR_PRESENT_MASK) == RET_PF_SPURIOUS
+    assert vm.stats["pf_fast"] == 1
+
+
+def test_fast_page_fault_cannot_make_write_tracked_gfn_writable() -> None:
+    """§3.11: a write-tracked gfn's SPTE lacks MMU-writable, so only the slow
+    path sees it; a not-present-style write fault (A/D off, fast path
+    eligible) is not fixed locklessly and ends in EMULATE."""
+    vm = _vm(plugins={"vmx": {"ept_ad": False}})
+    v = vm.vcpus[0]
+    vm.write_track_add_gfn(9)
+    assert vm.mmu.page_fault(v, 9 << 12, R) == RET_PF_FIXED
+    assert vm.mmu.page_fault(v, 9 << 12, W) == RET_PF_EMULATE
+    spte = vm.mmu.translate(9 << 12)[0]
+    assert not spte & S.PT_WRITABLE_MASK and not spte & vm.spte_format.mmu_writable_mask
+    assert vm.stats["pf_fast"] == 0
+
+
+def test_max_huge_page_level_clamps_mapping_level() -> None:
+    """§3.6: ``__kvm_mmu_max_mapping_level`` clamps to ``max_huge_page_level``
+    before asking the host: a 1G host page maps 2M when the MMU stops at 2M."""
+    vm = _vm(size=1 << 30, page_level=3)
+    vm.mmu.max_huge_page_level = S.PG_LEVEL_2M
+    vm.mmu.page_fault(vm.vcpus[0], 0x1234_5000, W)
+    assert vm.mmu.translate(0x1234_5000)[1] == S.PG_LEVEL_2M

@@ -195,3 +195,81 @@ def test_present_high_format_sets_bit59_never_bit11() -> None:
     assert nl & S.SPTE_MMU_PRESENT_HIGH_MASK and not nl & EPT_HIGH.rsvd_mask
     tracked = S.mark_spte_for_access_track(EPT_HIGH, spte)
     assert S.is_shadow_present_pte(tracked, EPT_HIGH.mmu_present_mask)
+
+
+def test_mark_spte_for_access_track_with_ad_clears_only_accessed() -> None:
+    """§4.5: with A/D enabled only Accessed is cleared; RWX stay."""
+    spte, _ = _make(NPT)
+    assert spte & NPT.accessed_mask
+    tracked = S.mark_spte_for_access_track(NPT, spte)
+    assert tracked == spte & ~NPT.accessed_mask
+
+
+def test_access_track_saves_r_and_x_not_w_and_restores_them() -> None:
+    """§4.4/§4.5: without A/D, R and X are saved at bits 54/56 and RWX is
+    cleared (hardware-non-present, still MMU-present); W is not saved."""
+    spte, _ = _make(EPT, pte_access=S.ACC_ALL)
+    assert spte & S.SPTE_TDP_AD_MASK == S.SPTE_TDP_AD_DISABLED
+    assert spte & 7 == 7
+    tracked = S.mark_spte_for_access_track(EPT, spte)
+    assert tracked & 7 == 0 and S.is_shadow_present_pte(tracked)
+    assert S.is_access_track_spte(EPT, tracked)
+    assert (tracked >> 54) & 1 and (tracked >> 56) & 1 and not (tracked >> 55) & 1
+    assert S.mark_spte_for_access_track(EPT, tracked) == tracked  # idempotent
+    restored = S.restore_acc_track_spte(tracked)
+    assert restored & 7 == 5 and not restored & S.SHADOW_ACC_TRACK_SAVED_MASK
+    assert restored & EPT.mmu_writable_mask  # MMU-writable kept: fast path may restore W
+
+
+def test_make_spte_synchronizing_prefetch_is_accessed_not_tracked() -> None:
+    """§3.12 step 2/7: ``prefetch && !synchronizing`` marks for access
+    tracking; a synchronizing prefetch gets Accessed."""
+    spte, _ = _make(NPT, prefetch=True, synchronizing=True)
+    assert spte & NPT.accessed_mask
+    spte, _ = _make(EPT, prefetch=True, synchronizing=True)
+    assert spte & 7 == 7 and not S.is_access_track_spte(EPT, spte)
+
+
+def test_make_spte_access_bits_per_format() -> None:
+    """§3.12 step 4, §4.3: X/NX from ACC_EXEC, U (EPT: R) from ACC_USER, PS above 4K."""
+    spte, _ = _make(NPT, pte_access=S.ACC_WRITE_MASK)
+    assert spte & NPT.nx_mask and not spte & NPT.user_mask and not spte & S.PT_PAGE_SIZE_MASK
+    spte, _ = _make(EPT, pte_access=S.ACC_EXEC_MASK, level=3)
+    assert spte & EPT.x_mask and not spte & 1 and spte & S.PT_PAGE_SIZE_MASK
+    assert not spte & S.PT_WRITABLE_MASK and not spte & EPT.mmu_writable_mask
+    # NX huge only strips exec above 4K
+    spte, _ = _make(NPT, nx_huge_pages=True)
+    assert not spte & NPT.nx_mask
+
+
+def test_is_access_allowed_exec_write_read() -> None:
+    """§3.11 step 2: exec needs X (EPT X / NX clear), write needs W, read bit 0."""
+    assert S.is_access_allowed(EPT, 4, write=False, exec_=True)
+    assert not S.is_access_allowed(EPT, 4, write=False, exec_=False)  # exec-only: no read
+    assert not S.is_access_allowed(NPT, 1 | NPT.nx_mask, write=False, exec_=True)
+    assert S.is_access_allowed(NPT, 1, write=False, exec_=True)
+    assert not S.is_access_allowed(NPT, 1, write=True, exec_=False)
+    assert S.is_access_allowed(NPT, 3, write=True, exec_=False)
+
+
+def test_make_small_spte_above_4k_keeps_ps_and_exec() -> None:
+    """§4.6: splitting 1G into 2M children keeps PS and does not restore X
+    (only 4K children get X back); memtype is copied unchanged."""
+    huge, _ = _make(EPT, level=3, pfn=0x40000, mt_mask=0x30, nx_huge_pages=True)
+    assert not huge & EPT.x_mask
+    child = S.make_small_spte(EPT, huge, 2, 5, exec_allowed=True, nx_huge_pages=True)
+    assert child & S.PT_PAGE_SIZE_MASK and not child & EPT.x_mask
+    assert S.spte_to_pfn(child) == 0x40000 + 5 * 512 and child & 0x38 == 0x30
+    leaf = S.make_small_spte(EPT, child, 1, 1, exec_allowed=False, nx_huge_pages=True)
+    assert not leaf & EPT.x_mask  # the role forbids exec
+
+
+def test_make_spte_executable_keeps_access_tracking() -> None:
+    """§4.6/kvm-mmu-2 §5.2: X restored on an access-tracked SPTE goes into
+    the saved bits; the SPTE stays access-tracked."""
+    spte, _ = _make(EPT, level=2, nx_huge_pages=True)
+    tracked = S.mark_spte_for_access_track(EPT, spte)
+    x = S.make_spte_executable(EPT, tracked)
+    assert S.is_access_track_spte(EPT, x) and x & 7 == 0
+    assert S.restore_acc_track_spte(x) & EPT.x_mask
+    assert not S.make_spte_nonexecutable(EPT, S.restore_acc_track_spte(x)) & EPT.x_mask

@@ -267,3 +267,49 @@ def test_mmio_generation_wrap_detected_in_smm_address_space() -> None:
     vm.host.mmap_anon(HVA + (8 << 20), 2 << 20)
     vm.set_user_memory_region((1 << 16) | 2, 0, 0, 2 << 20, HVA + (8 << 20))
     assert vm.stats["mmu_zap_all_fast"] == 1
+
+
+def test_retry_gfn_with_unset_range_retries_unsafe_does_not() -> None:
+    """§3.5: ``mmu_invalidate_retry_gfn`` WARNs and retries when an
+    invalidation is in progress with no range yet; the ``_unsafe`` variant
+    compares against the unset (INVALID_GPA) range and does not."""
+    from kvmmu.mmu.invalidate import INVALID_GPA, InvalidateState
+
+    inv = InvalidateState()
+    inv.begin()
+    assert inv.range_start == INVALID_GPA
+    assert inv.retry_gfn(inv.seq, 5)
+    assert not inv.retry_gfn_unsafe(inv.seq, 5)
+    assert inv.retry_gfn_unsafe(inv.seq - 1, 5)  # a changed sequence always retries
+
+
+def test_invalidate_range_add_widens_and_nest_keeps_range() -> None:
+    """§3.5: range_add widens with min/max; only the first begin of a nest
+    resets the range; end bumps seq then drops in_progress."""
+    from kvmmu.mmu.invalidate import InvalidateState
+
+    inv = InvalidateState()
+    inv.begin()
+    inv.range_add(10, 20)
+    inv.begin()
+    assert (inv.range_start, inv.range_end) == (10, 20)
+    inv.range_add(5, 12)
+    inv.range_add(15, 30)
+    assert (inv.range_start, inv.range_end) == (5, 30)
+    inv.end()
+    assert inv.seq == 1 and inv.in_progress == 1 and inv.retry_gfn(1, 29)
+    inv.end()
+    assert inv.seq == 2 and inv.in_progress == 0 and not inv.retry_gfn(2, 29)
+
+
+def test_zap_gfn_range_runs_inside_an_invalidation() -> None:
+    """§3.14 ``kvm_zap_gfn_range``: invalidate_begin + range_add before the
+    zap, invalidate_end after, so a fault that read the old sequence retries."""
+    vm, _ = _vm()
+    _fault(vm, 4)
+    inv = vm.mmu.invalidate
+    seq = inv.seq
+    vm.zap_gfn_range(4, 6)
+    assert inv.seq == seq + 1 and inv.in_progress == 0
+    assert vm.mmu.translate(0x4000) is None
+    assert inv.retry_gfn(seq, 100)  # stale snapshot: is_page_fault_stale
