@@ -489,3 +489,117 @@ def test_pte_prefetch_with_guest_paging_off() -> None:
     assert v.access(0x302000, "read").gpa == 0x302000
     assert vm.stats["mmu_prefetched"] == 7
     assert v.access(0x307000, "read").exits == 0
+
+
+def test_unaccount_shadowed_reverses_account_shadowed(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§2.4 ``unaccount_shadowed``: zapping the sps drops the write-track count
+    of an upper table and re-allows large pages over a 4K table's gfn."""
+    vm, gt = env
+    vm.vcpus[0].access(0x400000, "read")
+    pd, pt = gt.entry(0x400000, 2) >> 12, gt.entry(0x400000, 1) >> 12
+    n = vm.mmu.indirect_shadow_pages
+    slot = vm.slot_of(0)
+    assert slot is not None
+    disallowed = int(slot.lpage_info[2][pt >> 9])
+    for sp in [s for s in vm.mmu.active.values() if s.gfn in (pd, pt)]:
+        vm.mmu.zap_page(sp)
+    assert vm.mmu.indirect_shadow_pages == n - 2
+    assert vm.page_track.count(pd) == 0
+    assert pd >> 9 == pt >> 9  # one 2M frame: both sps counted in it
+    assert int(slot.lpage_info[2][pt >> 9]) == disallowed - 2
+
+
+def test_cr0_wp0_supervisor_write_to_read_only_gpte() -> None:
+    """§3.7 step 7: CR0.WP=0, a supervisor write to a read-only guest page
+    gets ``pte_access |= W, &= ~U`` (and ``&= ~X`` with SMEP)."""
+    vm = make_vm()
+    gt = GuestTables(vm)
+    gt.map(0x400000, 0x200000, P.PTE_P | P.PTE_US | P.PTE_A | P.PTE_D)
+    v = vm.vcpus[0]
+    v.set_sregs(
+        cr0=CR0 & ~P.CR0_WP, cr3=gt.cr3, cr4=P.CR4_PAE | P.CR4_SMEP, efer=P.EFER_LME | P.EFER_NXE
+    )
+    r = v.access(0x400000, "write", 1, b"w")
+    assert r.fault is None and not r.emulated
+    assert r.spte is not None and r.spte & PT_WRITABLE_MASK
+    assert not r.spte & vm.mmu.fmt.user_mask and r.spte & vm.mmu.fmt.nx_mask
+    assert vm.read_guest(0x200000, 1) == b"w"
+
+
+def test_fault_through_an_sp_clears_its_write_flooding_count(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """§3.8 step 2: ``FNAME(fetch)`` clears the flooding count of every sp on
+    the path, so writes separated by faults through the PD never flood it."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pd = gt.entry(0x400000, 2)
+    pd_sp = next(s for s in vm.mmu.active.values() if s.gfn == pd >> 12 and s.role.level == 2)
+    for _n in range(2):
+        guest_write_entry(v, pd + 8 * 100, 0)
+    assert pd_sp.write_flooding_count == 2
+    v.access(0x408000, "read")
+    assert pd_sp.write_flooding_count == 0
+    guest_write_entry(v, pd + 8 * 100, 0)
+    assert not pd_sp.invalid and vm.stats["mmu_flooded"] == 0
+
+
+def test_prefetch_invalid_gpte_stops_at_an_unaccessed_gpte(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """§3.9 ``prefetch_invalid_gpte``: a gPTE with A clear (the guest has A/D)
+    is not prefetched and ends the scan; prefetched SPTEs lack Accessed."""
+    vm, gt = env
+    for i in range(8):
+        flags = URW if i == 5 else URW | P.PTE_A
+        gt.write(gt.entry(0x400000 + i * 0x1000, 1), (0x200000 + i * 0x1000) | flags)
+        vm.read_guest(0x200000 + i * 0x1000, 1)
+    v = vm.vcpus[0]
+    v.access(0x402000, "read")
+    assert vm.stats["mmu_prefetched"] == 4  # 0, 1, (2 faulted), 3, 4; stops at 5
+    sp = next(s for s in vm.mmu.active.values() if s.role.level == 1 and not s.role.direct)
+    assert vm.mmu.spte(sp, 5) == 0 and vm.mmu.spte(sp, 6) == 0
+    assert not vm.mmu.spte(sp, 0) & vm.mmu.fmt.accessed_mask
+    assert vm.mmu.spte(sp, 2) & vm.mmu.fmt.accessed_mask
+
+
+def test_one_byte_write_at_a_gpte_start_is_not_misaligned(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """§3.13 ``detect_write_misaligned``: a 1-byte write at a gPTE-aligned
+    offset (``clear_bit``) zaps only that SPTE, not the whole sp."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pde = gt.entry(0x400000, 2)
+    pd_sp = next(s for s in vm.mmu.active.values() if s.gfn == pde >> 12 and s.role.level == 2)
+    i = (pde & 0xFFF) // 8
+    assert vm.mmu.spte(pd_sp, i)
+    assert v.access(TABLE_WINDOW + pde, "write", 1, bytes([URW])).emulated
+    assert not pd_sp.invalid and vm.stats["mmu_flooded"] == 0
+    assert vm.mmu.spte(pd_sp, i) == 0
+    v.access(TABLE_WINDOW + pde + 1, "write", 1, b"\0")
+    assert pd_sp.invalid and vm.stats["mmu_flooded"] == 1
+
+
+def test_validate_direct_spte_rebuilds_when_the_dirty_bit_changes(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """§3.8 ``validate_direct_spte``: a read of a clean guest 2M page builds a
+    direct sp without W; the first write sets D, so the direct child of the
+    other access is dropped and a writable one linked."""
+    vm, gt = env
+    gt.map(0x800000, 0x600000, URW | P.PTE_A, level=2)
+    v = vm.vcpus[0]
+    v.access(0x801000, "read")
+    old = next(s for s in vm.mmu.active.values() if s.role.direct and s.gfn == 0x600)
+    assert not old.role.access & kvmmu.spte.ACC_WRITE_MASK
+    r = v.access(0x801000, "write", 1, b"d")
+    assert r.fault is None and r.spte is not None and r.spte & PT_WRITABLE_MASK
+    new = next(
+        s for s in vm.mmu.active.values() if s.role.direct and s.gfn == 0x600 and s is not old
+    )
+    assert new.role.access & kvmmu.spte.ACC_WRITE_MASK and new.parent_ptes
+    assert not old.parent_ptes
+    assert vm.check_invariants() == []
