@@ -412,3 +412,66 @@ def test_max_huge_page_level_clamps_mapping_level() -> None:
     vm.mmu.max_huge_page_level = S.PG_LEVEL_2M
     vm.mmu.page_fault(vm.vcpus[0], 0x1234_5000, W)
     assert vm.mmu.translate(0x1234_5000)[1] == S.PG_LEVEL_2M
+
+
+def test_ept_violation_error_code_bits() -> None:
+    """§3.1: EPT violation -> error code: read = USER, write = WRITE, fetch =
+    FETCH, PRESENT iff the leaf had any of RWX; GUEST_FINAL is stripped by
+    ``lower_32_bits`` before ``kvm_mmu_do_page_fault``. An access-tracked
+    leaf (RWX = 0) is not PRESENT."""
+    from kvmmu.mmu.fault import PFERR_GUEST_FINAL_MASK as FINAL
+
+    vm = _vm(plugins={"vmx": {"ept_ad": False}})
+    mmu = vm.mmu
+    assert mmu.fault_error_code(None, False, False, False) == FINAL | PFERR_USER_MASK
+    assert mmu.fault_error_code(None, True, False, False) == FINAL | PFERR_WRITE_MASK
+    assert mmu.fault_error_code(None, False, True, False) == FINAL | PFERR_FETCH_MASK
+    vm.write_track_add_gfn(3)
+    mmu.page_fault(vm.vcpus[0], 0x3000, R)
+    hit = mmu.translate(0x3000)
+    assert hit is not None and not hit[0] & S.PT_WRITABLE_MASK
+    assert mmu.fault_error_code(hit, True, False, True) == FINAL | PFERR_WRITE_MASK | (
+        PFERR_PRESENT_MASK
+    )
+    vm.pre_fault_memory(0x8000, 0x1000)  # access-tracked: hardware-not-present
+    assert mmu.translate(0x8000) is None
+
+
+def test_npf_error_code_bits() -> None:
+    """§3.1: #NPF carries the x86 #PF bits: P for a present leaf, W, U at
+    CPL 3, FETCH; an MMIO SPTE (reserved bit 51) gives P|RSVD."""
+    from kvmmu.mmu.fault import PFERR_GUEST_FINAL_MASK as FINAL
+
+    vm = _vm(vendor="svm")
+    mmu = vm.mmu
+    v = vm.vcpus[0]
+    assert mmu.fault_error_code(None, True, False, True) == FINAL | W
+    assert mmu.fault_error_code(None, False, True, False) == FINAL | PFERR_FETCH_MASK
+    vm.write_track_add_gfn(3)
+    mmu.page_fault(v, 0x3000, R)
+    hit = mmu.translate(0x3000)
+    assert mmu.fault_error_code(hit, True, False, False) == (
+        FINAL | PFERR_PRESENT_MASK | PFERR_WRITE_MASK
+    )
+    assert mmu.page_fault(v, 0x1_0000_0000, R) == RET_PF_EMULATE
+    hit = mmu.translate(0x1_0000_0000)
+    code = mmu.fault_error_code(hit, False, False, False)
+    assert code == FINAL | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
+
+
+def test_rsvd_fault_on_present_spte_with_reserved_bits_is_einval() -> None:
+    """§3.10 ``handle_mmio_page_fault``: a reserved-bit hit on a present,
+    non-MMIO SPTE is a KVM bug (``get_mmio_spte`` WARNs): -EINVAL. Only
+    shadow-present SPTEs are checked (MMIO SPTEs have reserved bits by
+    design); with the MMU-present bit at 59, bit 11 is reserved (T6)."""
+    vm = _vm(plugins={"vmx": {"mmu_present_high": True}})
+    v = vm.vcpus[0]
+    mmu = vm.mmu
+    assert mmu.page_fault(v, 0x4000, W) == RET_PF_FIXED
+    table, i, level, spte = mmu._last_spte(mmu.vcpu_root(v), 4)
+    assert level == 1 and vm.spte_format.rsvd_mask & (1 << 11)
+    assert mmu.page_fault(v, 0x4000, PFERR_RSVD_MASK) == RET_PF_RETRY  # clean SPTE
+    mmu.pool.data[table, i] = spte | (1 << 11)
+    with pytest.raises(kvmmu.KvmError) as e:
+        mmu.page_fault(v, 0x4000, PFERR_RSVD_MASK)
+    assert e.value.errno == errno.EINVAL

@@ -354,6 +354,10 @@ class FaultMixin(TdpBase):
         if self.mmio_info_in_cache(vcpu, gpa):
             return RET_PF_EMULATE
         _, _, _, spte = self._last_spte(root, gpa >> S.PAGE_SHIFT)
+        if spte & self.mmu_present and spte & self.fmt.rsvd_mask:
+            # get_mmio_spte: reserved bits on an MMU-present (non-MMIO) SPTE
+            # are a KVM bug: WARN, -EINVAL (spec/kvm-mmu.md §3.10).
+            raise KvmError(errno.EINVAL, f"reserved bits set on MMU-present spte {spte:#x}")
         if S.is_mmio_spte(self.fmt, spte):
             if not S.check_mmio_spte(spte, self.vm.memslots.generation, self.fmt.mmio_gen_layout):
                 return RET_PF_INVALID
