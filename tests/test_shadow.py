@@ -603,3 +603,27 @@ def test_validate_direct_spte_rebuilds_when_the_dirty_bit_changes(
     assert new.role.access & kvmmu.spte.ACC_WRITE_MASK and new.parent_ptes
     assert not old.parent_ptes
     assert vm.check_invariants() == []
+
+
+def test_track_write_counts_pde_zapped_by_the_new_gpte(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.13 ``kvm_mmu_track_write``: ``mmu_pde_zapped`` counts each written
+    entry of an upper-level sp when the new gPTE (``mmu_pte_write_fetch_gpte``)
+    is non-zero, whether or not a SPTE was there; a zero gPTE is not counted."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pd = gt.entry(0x400000, 2)
+    spare = gt.alloc()
+    guest_write_entry(v, pd + 8 * 100, spare | URW)  # no SPTE there
+    assert vm.stats["mmu_pde_zapped"] == 1
+    guest_write_entry(v, pd, 0)  # a present SPTE, but gentry == 0
+    assert vm.stats["mmu_pde_zapped"] == 1
+    assert vm.stats["mmu_pte_write"] == 2
+
+
+def test_track_write_without_indirect_shadow_pages_does_nothing() -> None:
+    """§3.13: ``indirect_shadow_pages == 0`` -> return at once (no stat)."""
+    vm = make_vm()
+    assert vm.mmu.indirect_shadow_pages == 0
+    vm.mmu.track_write(0x10000, b"\0" * 8)
+    assert vm.stats["mmu_pte_write"] == 0

@@ -405,6 +405,8 @@ class ShadowSync(ShadowBase):
         if pae and nbytes == 4:
             gpa &= ~7
             nbytes = 8
+        # mmu_pte_write_fetch_gpte: the new gPTE, read for 4/8-byte writes only.
+        gentry = (self.read_gpte(gpa, nbytes) or 0) if nbytes in (4, 8) else 0
         gfn = gpa >> 12
         offset = gpa & 0xFFF
         flush = False
@@ -421,15 +423,16 @@ class ShadowSync(ShadowBase):
                 continue
             first, npte = written
             for i in range(first, first + npte):
-                spte = self.spte(sp, i)
-                if not spte:
+                # ++mmu_pde_zapped for every written entry of an upper-level sp
+                # when the new gPTE is non-zero, present SPTE or not.
+                if gentry and sp.role.level > 1:
+                    self.vm.stats["mmu_pde_zapped"] += 1
+                if not self.spte(sp, i):
                     continue
                 gfn0, nr = self.spte_flush_range(sp, i)
                 if self.drop_spte(sp, i):
                     flush = True
                     self.flush_gfns(gfn0, nr)
-                if sp.role.level > 1:
-                    self.vm.stats["mmu_pde_zapped"] += 1
         self.vm.stats["mmu_pte_write"] += 1
         if flush:
             self.vm.stats["mmu_pte_write_flush"] += 1
