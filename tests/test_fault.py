@@ -475,3 +475,52 @@ def test_rsvd_fault_on_present_spte_with_reserved_bits_is_einval() -> None:
     with pytest.raises(kvmmu.KvmError) as e:
         mmu.page_fault(v, 0x4000, PFERR_RSVD_MASK)
     assert e.value.errno == errno.EINVAL
+
+
+def _prefetch_vm(**cfg: Any) -> Any:
+    vm = _vm(**cfg)
+    vm.mmu.tdp_mmu_enabled = False  # the legacy direct MMU prefetches
+    for g in range(0x10, 0x18):
+        vm.gfn_to_pfn(g, write=True)
+    return vm
+
+
+def test_direct_prefetch_skipped_while_invalidation_in_progress() -> None:
+    """§3.9: ``direct_pte_prefetch`` does nothing while
+    ``mmu_invalidate_in_progress`` (even for a range elsewhere)."""
+    vm = _prefetch_vm()
+    inv = vm.mmu.invalidate
+    inv.begin()
+    inv.range_add(0x1000, 0x1001)
+    assert vm.mmu.page_fault(vm.vcpus[0], 0x13 << 12, W) == RET_PF_FIXED
+    inv.end()
+    assert vm.stats["pte_prefetch"] == 0
+
+
+def test_direct_prefetch_skipped_without_ad_bits() -> None:
+    """§3.9: A/D disabled: no way to tell prefetched from accessed, no prefetch."""
+    vm = _prefetch_vm(plugins={"vmx": {"ept_ad": False}})
+    vm.mmu.page_fault(vm.vcpus[0], 0x13 << 12, W)
+    assert vm.stats["pte_prefetch"] == 0
+
+
+def test_direct_prefetch_skips_dirty_logged_slot() -> None:
+    """§3.9: ``gfn_to_memslot_dirty_bitmap(no_dirty_log = ACC_ALL & W)``
+    returns no slot when the slot logs dirty pages."""
+    vm = _prefetch_vm(flags=kvmmu.KVM_MEM_LOG_DIRTY_PAGES)
+    vm.mmu.page_fault(vm.vcpus[0], 0x13 << 12, W)
+    assert vm.stats["pte_prefetch"] == 0
+    assert list(vm.get_dirty_log(0)) == [0x13]
+
+
+def test_direct_prefetch_of_tracked_gfn_is_read_only() -> None:
+    """§3.9/§2.3: a prefetched SPTE for a write-tracked gfn is read-only and
+    not MMU-writable; its neighbours are writable but not Accessed."""
+    vm = _prefetch_vm()
+    vm.write_track_add_gfn(0x15)
+    vm.mmu.page_fault(vm.vcpus[0], 0x13 << 12, W)
+    fmt = vm.spte_format
+    tracked = vm.mmu.translate(0x15 << 12)[0]
+    assert not tracked & (S.PT_WRITABLE_MASK | fmt.mmu_writable_mask)
+    other = vm.mmu.translate(0x16 << 12)[0]
+    assert other & S.PT_WRITABLE_MASK and not other & fmt.accessed_mask

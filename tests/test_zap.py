@@ -313,3 +313,22 @@ def test_zap_gfn_range_runs_inside_an_invalidation() -> None:
     assert inv.seq == seq + 1 and inv.in_progress == 0
     assert vm.mmu.translate(0x4000) is None
     assert inv.retry_gfn(seq, 100)  # stale snapshot: is_page_fault_stale
+
+
+def test_huge_leaf_replacing_a_table_frees_it_and_flushes_the_huge_range() -> None:
+    """§3.12 step 2 / §3.14 target-level handler: a huge leaf installed over
+    a present non-leaf SPTE frees the child table and flushes the huge range."""
+    vm, rec = _vm(page_level=2)
+    vm.write_track_add_gfn(0x205)  # disallow_lpage: the 2M frame maps 4K
+    _fault(vm, 0x205)
+    assert vm.mmu.translate(0x205 << 12)[1] == 1
+    vm.write_track_remove_gfn(0x205)  # no un-protect: the 4K table stays
+    live = int(vm.mmu.pool.live.sum())
+    rec.ranges.clear()
+    _fault(vm, 0x234)  # not present -> goal 2M over the table
+    spte, level = vm.mmu.translate(0x234 << 12)
+    assert level == 2 and spte & S.PT_WRITABLE_MASK
+    assert vm.mmu.translate(0x205 << 12)[1] == 2
+    assert rec.ranges == [(0x200, 512)]
+    assert int(vm.mmu.pool.live.sum()) == live - 1
+    assert vm.mmu.check_invariants() == []
