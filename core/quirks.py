@@ -6,13 +6,19 @@ the lower-case suffix of its ``KVM_X86_QUIRK_`` name (``cd_nw_cleared``).
 
 from __future__ import annotations
 
+import errno
+
 from kvmmu.era import KernelVersion
+from kvmmu.errors import KvmError
 
 __all__ = [
+    "KVM_X86_CONDITIONAL_QUIRKS",
     "KVM_X86_QUIRK_CD_NW_CLEARED",
     "KVM_X86_QUIRK_IGNORE_GUEST_PAT",
     "KVM_X86_QUIRK_SLOT_ZAP_ALL",
     "QUIRKS",
+    "apply_disable_quirks_cap",
+    "initial_disabled_quirks",
     "supported_quirks",
 ]
 
@@ -26,6 +32,18 @@ KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS = 1 << 6
 KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
 KVM_X86_QUIRK_STUFF_FEATURE_MSRS = 1 << 8
 KVM_X86_QUIRK_IGNORE_GUEST_PAT = 1 << 9
+
+#: ``KVM_X86_CONDITIONAL_QUIRKS`` (6.16): the quirks vendor code may force
+#: off. ``kvm_caps.inapplicable_quirks`` starts as this set; VMX clears
+#: ``IGNORE_GUEST_PAT`` from it and SVM clears ``CD_NW_CLEARED``
+#: (spec/memtype.md §11.4, §9).
+KVM_X86_CONDITIONAL_QUIRKS = KVM_X86_QUIRK_CD_NW_CLEARED | KVM_X86_QUIRK_IGNORE_GUEST_PAT
+#: First kernel with ``KVM_CAP_DISABLE_QUIRKS2`` (2022, Oliver Upton; the
+#: 5.19 release is from memory: spec/memtype.md §11.4 says only "2022").
+DISABLE_QUIRKS2_FIRST = "5.19"
+#: First kernel with ``supported_quirks``, ``inapplicable_quirks`` and
+#: one-way disabling ("do not allow re-enabling quirks", spec §11.4).
+_ONE_WAY_FIRST = "6.16"
 
 #: name -> (bit, first kernel version that has it). The MMU-relevant ones are
 #: ``cd_nw_cleared`` (4.2), ``slot_zap_all`` (6.12) and ``ignore_guest_pat``
@@ -45,7 +63,11 @@ QUIRKS: dict[str, tuple[int, str]] = {
 
 
 def supported_quirks(
-    era: KernelVersion, *, self_snoop: bool, needs_self_snoop: int = KVM_X86_QUIRK_IGNORE_GUEST_PAT
+    era: KernelVersion,
+    *,
+    self_snoop: bool,
+    needs_self_snoop: int = KVM_X86_QUIRK_IGNORE_GUEST_PAT,
+    tdp: bool = True,
 ) -> int:
     """Return ``kvm_caps.supported_quirks`` for a kernel of ``era``.
 
@@ -61,4 +83,50 @@ def supported_quirks(
             mask |= bit
     if not self_snoop:
         mask &= ~needs_self_snoop
+    if not tdp:
+        # kvm_x86_vendor_init (6.16): "KVM always ignores guest PAT for
+        # shadow paging", so the quirk cannot be disabled without TDP.
+        mask &= ~KVM_X86_QUIRK_IGNORE_GUEST_PAT
+    return mask
+
+
+def initial_disabled_quirks(era: KernelVersion, *, applicable: int, supported: int) -> int:
+    """``kvm->arch.disabled_quirks`` at ``KVM_CREATE_VM``.
+
+    From 6.16 ``kvm_arch_init_vm`` starts from ``inapplicable_quirks &
+    supported_quirks``: the conditional quirks the vendor did not mark
+    ``applicable`` are disabled from the start (CD_NW_CLEARED on VMX,
+    IGNORE_GUEST_PAT on SVM with NPT; spec/memtype.md §11.4, §9). Before
+    6.16 no quirk starts disabled.
+    """
+    if era < KernelVersion(_ONE_WAY_FIRST):
+        return 0
+    return KVM_X86_CONDITIONAL_QUIRKS & ~applicable & supported
+
+
+def apply_disable_quirks_cap(
+    era: KernelVersion, disabled: int, mask: int, *, cap2: bool, supported: int
+) -> int:
+    """``KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS[2], args[0] = mask)``; the new disabled set.
+
+    spec/memtype.md §11.4: ``KVM_CAP_DISABLE_QUIRKS`` (4.2+) assigns
+    ``disabled_quirks = mask`` unchecked, so quirks can be re-enabled.
+    ``KVM_CAP_DISABLE_QUIRKS2`` fails with EINVAL on bits outside the valid
+    (from 6.16: supported) quirks, then does the same. From 6.16 both OR in
+    ``mask & supported_quirks``: disabling is one-way. A refused call raises
+    ``KvmError(EINVAL)``.
+    """
+    name = "KVM_CAP_DISABLE_QUIRKS2" if cap2 else "KVM_CAP_DISABLE_QUIRKS"
+    if era < KernelVersion("4.2") or (cap2 and era < KernelVersion(DISABLE_QUIRKS2_FIRST)):
+        raise KvmError(errno.EINVAL, f"{name} does not exist in kernel {era}")
+    if mask < 0 or mask >> 64:
+        raise KvmError(errno.EINVAL, f"{name}: args[0] {mask:#x} is not a u64")
+    one_way = era >= KernelVersion(_ONE_WAY_FIRST)
+    valid = supported if one_way else supported_quirks(era, self_snoop=True)
+    if cap2 and mask & ~valid:
+        raise KvmError(
+            errno.EINVAL, f"{name}: bits {mask & ~valid:#x} are not supported quirks in {era}"
+        )
+    if one_way:
+        return disabled | (mask & supported)
     return mask

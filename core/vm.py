@@ -20,7 +20,13 @@ from kvmmu.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from kvmmu.memslot import Memslot, MemslotChange, Memslots
 from kvmmu.page_track import PageTrack
 from kvmmu.plugin_host import PluginHost, resolve_plugins
-from kvmmu.quirks import QUIRKS, supported_quirks
+from kvmmu.quirks import (
+    KVM_X86_CONDITIONAL_QUIRKS,
+    QUIRKS,
+    apply_disable_quirks_cap,
+    initial_disabled_quirks,
+    supported_quirks,
+)
 from kvmmu.vcpu import VCpu
 
 __all__ = ["VM"]
@@ -43,8 +49,12 @@ class VM:
         self.config = cfg
         self.era = KernelVersion(cfg.era)
         resolved = resolve_plugins(cfg)
+        vendor_cls = resolved[0].cls
+        self._needs_self_snoop = getattr(vendor_cls, "QUIRKS_REQUIRING_SELF_SNOOP", 0)
         self.quirks = self._quirk_mask(
-            cfg, getattr(resolved[0].cls, "QUIRKS_REQUIRING_SELF_SNOOP", 0)
+            cfg,
+            self._needs_self_snoop,
+            getattr(vendor_cls, "APPLICABLE_CONDITIONAL_QUIRKS", KVM_X86_CONDITIONAL_QUIRKS),
         )
         self.stats: Counter[str] = Counter()
         #: (memslot id or None, effective type, SPTE memtype bits) -> accesses
@@ -67,19 +77,24 @@ class VM:
 
     # construction -------------------------------------------------------
     @staticmethod
-    def _quirk_mask(cfg: VMConfig, needs_self_snoop: int) -> int:
+    def _quirk_mask(
+        cfg: VMConfig, needs_self_snoop: int, applicable: int = KVM_X86_CONDITIONAL_QUIRKS
+    ) -> int:
         """Quirks on by default; disabling one needs it in ``supported_quirks``.
 
         ``KVM_CAP_DISABLE_QUIRKS2`` refuses unsupported bits with ``EINVAL``
         (spec/memtype.md §11.4); from 6.16 ``IGNORE_GUEST_PAT`` is unsupported
-        without host self-snoop, so it cannot be disabled there.
+        without host self-snoop or without TDP, so it cannot be disabled
+        there. From 6.16 the conditional quirks the vendor does not mark
+        ``applicable`` start disabled (``inapplicable_quirks``: CD_NW_CLEARED
+        on VMX, IGNORE_GUEST_PAT on SVM with NPT) and cannot be re-enabled.
         """
         era = KernelVersion(cfg.era)
         present = supported_quirks(era, self_snoop=True)
         supported = supported_quirks(
-            era, self_snoop=cfg.host_self_snoop, needs_self_snoop=needs_self_snoop
+            era, self_snoop=cfg.host_self_snoop, needs_self_snoop=needs_self_snoop, tdp=cfg.tdp
         )
-        mask = present
+        mask = present & ~initial_disabled_quirks(era, applicable=applicable, supported=supported)
         for name, enabled in cfg.quirks.items():
             bit = QUIRKS[name][0]
             if enabled:
@@ -114,6 +129,28 @@ class VM:
     def has_quirk(self, bit: int) -> bool:
         """``kvm_check_has_quirk``: the quirk is enabled (not disabled by userspace)."""
         return bool(self.quirks & bit)
+
+    def disable_quirks(self, mask: int, *, cap2: bool = True) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2`` (or ``_QUIRKS``), ``args[0] = mask)``.
+
+        spec/memtype.md §11.4: before 6.16 the call assigns the disabled set
+        (a later call can re-enable quirks; ``_QUIRKS2`` first refuses bits
+        that are not valid quirks with EINVAL); from 6.16 it ORs in ``mask &
+        supported_quirks``, so disabling is one-way. Nothing is zapped: SPTEs
+        built under the old quirks keep their memtype (as in the kernel).
+        """
+        era = self.era
+        present = supported_quirks(era, self_snoop=True)
+        supported = supported_quirks(
+            era,
+            self_snoop=self.config.host_self_snoop,
+            needs_self_snoop=self._needs_self_snoop,
+            tdp=self.config.tdp,
+        )
+        disabled = apply_disable_quirks_cap(
+            era, present & ~self.quirks, mask, cap2=cap2, supported=supported
+        )
+        self.quirks = present & ~disabled
 
     def plugin(self, name: str) -> Any:
         """The registered plugin object called ``name``."""

@@ -141,9 +141,31 @@ def test_svm_mtrr_write_zap_common_code_until_6_6(era: str, zaps: bool) -> None:
     assert vm.zaps == ([(0, ALL_GFNS_END)] if zaps else [])
 
 
-def test_svm_noncoherent_registration_has_no_zap_hook() -> None:
-    """6.7–6.15 need ``shadow_memtype_mask`` (0 on NPT); 6.16's quirk is inapplicable."""
-    assert not hasattr(SvmPlugin, "kvmmu_noncoherent_dma_changed")
+@pytest.mark.parametrize(
+    ("era", "tdp", "disabled", "zaps"),
+    [
+        pytest.param("6.8", True, (), False, id="6_7_npt_no_memtype_mask"),
+        pytest.param("6.8", False, (), False, id="6_7_shadow_no_memtype_mask"),
+        pytest.param("6.16", True, ("ignore_guest_pat",), False, id="6_16_npt_inapplicable"),
+        pytest.param("6.16", False, (), True, id="6_16_shadow_quirk_stays_enabled"),
+    ],
+)
+def test_svm_noncoherent_registration_zaps_only_6_16_shadow_paging(
+    era: str, tdp: bool, disabled: tuple[str, ...], zaps: bool
+) -> None:
+    """6.7–6.15 need ``shadow_memtype_mask`` (0 on SVM); from 6.16 the per-VM
+    IGNORE_GUEST_PAT check, which is disabled on NPT (inapplicable) but stays
+    enabled with shadow paging (unsupported without TDP), spec §11.1.
+
+    Replaces an assertion that SVM has no such hook at all, which the 6.16
+    ``kvm_mmu_may_ignore_guest_pat(kvm)`` contradicts for shadow paging.
+    """
+    vm = svm_vm(era=era, tdp=tdp, disabled=disabled)
+    plugin = SvmPlugin(vm)
+    plugin.kvmmu_noncoherent_dma_changed(vm, 0, 1)
+    plugin.kvmmu_noncoherent_dma_changed(vm, 1, 2)  # not a transition
+    plugin.kvmmu_noncoherent_dma_changed(vm, 1, 0)
+    assert vm.zaps == ([(0, ALL_GFNS_END)] * 2 if zaps else [])
 
 
 @pytest.mark.parametrize(("era", "level"), [("5.19", 2), ("6.0", None)])

@@ -30,6 +30,7 @@ from kvmmu.memtype import (
     mtrr_physmask,
     pat_entries,
 )
+from kvmmu.quirks import KVM_X86_QUIRK_IGNORE_GUEST_PAT
 from kvmmu.vcpu import AccessResult, VCpu
 
 UC, WC, WT, WP, WB, UCM = (
@@ -281,6 +282,7 @@ def test_noncoh_dma_first_and_last_registration_zap_all_real_vm(
         pytest.param("vmx", "6.8", (), False, id="vmx_6_7_shadow_paging_no_zap"),
         pytest.param("svm", "6.8", (), True, id="svm_npt_no_memtype_mask_no_zap"),
         pytest.param("svm", "6.16", (), True, id="svm_6_16_quirk_inapplicable_no_zap"),
+        pytest.param("vmx", "6.11", (), True, id="vmx_6_11_self_snoop_honours_pat_no_zap"),
     ],
 )
 def test_noncoh_dma_registration_does_not_zap_real_vm(
@@ -483,3 +485,18 @@ def test_npt_mmio_host_uc_only_guest_wc_survives_real_vm() -> None:
     pt.map(MMIO_GPA, MMIO_GPA, 4096, pat_index=PAT_INDEX[WC])
     g.vcpu.set_sregs(cr3=pt.cr3)
     assert g.read(MMIO_GPA).memtype is WC
+
+
+def test_noncoh_dma_registration_zaps_svm_6_16_shadow_paging_real_vm() -> None:
+    """§11.1, 6.16: ``kvm_mmu_may_ignore_guest_pat`` is the quirk check, and
+    without TDP IGNORE_GUEST_PAT is unsupported, so it is not made
+    inapplicable on SVM: the first and last registration zap every gfn."""
+    g = guest("svm", "6.16", tdp=False)
+    assert g.vm.has_quirk(KVM_X86_QUIRK_IGNORE_GUEST_PAT)
+    g.read(RAM_GPA)
+    g.vm.register_noncoherent_dma()
+    assert g.flushes.covers(RAM_GPA)
+    g.read(RAM_GPA)
+    g.flushes.calls.clear()
+    g.vm.unregister_noncoherent_dma()
+    assert g.flushes.covers(RAM_GPA)

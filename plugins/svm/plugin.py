@@ -19,8 +19,9 @@ from kvmmu.memtype import (
     host_mtrr_type,
     x86_pte_spte_format,
 )
+from kvmmu.mtrr import ALL_GFNS_END
 from kvmmu.plugins.svm.combine import npt_effective_type
-from kvmmu.quirks import KVM_X86_QUIRK_CD_NW_CLEARED
+from kvmmu.quirks import KVM_X86_QUIRK_CD_NW_CLEARED, KVM_X86_QUIRK_IGNORE_GUEST_PAT
 from kvmmu.spte import SpteFormat
 from pydantic import BaseModel, ConfigDict
 
@@ -47,14 +48,20 @@ class SvmConfig(BaseModel):
 class SvmPlugin:
     """AMD SVM with NPT: x86-PTE SPTEs, gPAT follows the guest PAT, no EPT memtype.
 
-    Noncoherent DMA registration never zaps on SVM: the 6.7–6.15 condition is
-    a non-zero ``shadow_memtype_mask`` (0 on NPT) and the 6.16 quirk is
-    inapplicable (spec/memtype.md §9, §11.1).
+    Noncoherent DMA registration does not zap on SVM with NPT: the 6.7–6.15
+    condition is a non-zero ``shadow_memtype_mask`` (0 on NPT) and from 6.16
+    the quirk is inapplicable (disabled at VM creation). With shadow paging
+    in 6.16 the quirk is unsupported, so it stays enabled and the common
+    code zaps (spec/memtype.md §9, §11.1).
     """
 
     name = "svm"
     kind = "vendor"
     ERAS = SVM_ERAS
+    #: ``svm_hardware_setup`` clears only ``CD_NW_CLEARED`` from
+    #: ``inapplicable_quirks``: from 6.16 ``IGNORE_GUEST_PAT`` starts
+    #: disabled on SVM (when supported, i.e. with NPT; spec/memtype.md §9, §11.4).
+    APPLICABLE_CONDITIONAL_QUIRKS = KVM_X86_QUIRK_CD_NW_CLEARED
 
     def __init__(self, vm: Any, config: SvmConfig | None = None) -> None:
         self.vm: MemtypeVM = vm
@@ -142,6 +149,23 @@ class SvmPlugin:
     ) -> None:
         """``update_mtrr`` zaps, common x86 code: 4.2–6.6 with NPT and noncoherent DMA."""
         common_msr_written(vm, vcpu, index, ept=False)
+
+    @hookimpl
+    def kvmmu_noncoherent_dma_changed(self, vm: MemtypeVM, old_count: int, new_count: int) -> None:
+        """``kvm_noncoherent_dma_assignment_start_or_stop`` on SVM (spec §11.1).
+
+        6.7–6.15: ``shadow_memtype_mask`` is 0 on SVM, never a zap. From 6.16
+        ``kvm_mmu_may_ignore_guest_pat`` is the per-VM ``IGNORE_GUEST_PAT``
+        check: disabled on SVM with NPT (inapplicable), still enabled with
+        shadow paging (unsupported, so not in ``inapplicable & supported``),
+        where the first and last registration zap every gfn.
+        """
+        if vm.era < (6, 16):
+            return
+        if (old_count, new_count) not in ((0, 1), (1, 0)):
+            return
+        if vm.has_quirk(KVM_X86_QUIRK_IGNORE_GUEST_PAT):
+            vm.zap_gfn_range(0, ALL_GFNS_END)
 
     @hookimpl
     def kvmmu_report_section(self, vm: MemtypeVM) -> dict[str, Any]:

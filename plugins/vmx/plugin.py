@@ -122,6 +122,10 @@ class VmxPlugin:
     #: Quirks ``vmx_hardware_setup`` drops from ``supported_quirks`` on a host
     #: without self-snoop, so they cannot be disabled there (spec/memtype.md §7).
     QUIRKS_REQUIRING_SELF_SNOOP = KVM_X86_QUIRK_IGNORE_GUEST_PAT
+    #: ``vmx_hardware_setup`` clears only ``IGNORE_GUEST_PAT`` from
+    #: ``inapplicable_quirks``: from 6.16 ``CD_NW_CLEARED`` starts disabled
+    #: on VMX (spec/memtype.md §11.4; it has no VMX effect from 6.11).
+    APPLICABLE_CONDITIONAL_QUIRKS = KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     def __init__(self, vm: Any, config: VmxConfig | None = None) -> None:
         self.vm: MemtypeVM = vm
@@ -228,11 +232,16 @@ class VmxPlugin:
         On the 0->1 and 1->0 transitions zap every gfn if
         ``kvm_mmu_may_ignore_guest_pat``: EPT in 6.7–6.15, the per-VM
         ``IGNORE_GUEST_PAT`` quirk from 6.16 (spec/memtype.md §11.1; M4).
+        6.11 as released (377b2f359d1f, reverted by 9d70f3fec144) tested
+        ``!X86_FEATURE_SELFSNOOP && shadow_memtype_mask``: with self-snoop the
+        guest PAT was always honoured, so registration did not zap.
         """
         if vm.era < (6, 7) or not _first_or_last(old_count, new_count):
             return
         if vm.era >= (6, 16):
             may_ignore = vm.has_quirk(KVM_X86_QUIRK_IGNORE_GUEST_PAT)
+        elif self._mt_row == "6.11":
+            may_ignore = vm.config.tdp and not vm.config.host_self_snoop
         else:
             may_ignore = vm.config.tdp
         if may_ignore:
@@ -278,4 +287,7 @@ def check_vmx_quirks(vm: MemtypeVM) -> None:
     CPU has no self-snoop (consumers.md M5; spec/memtype.md §7): KVM fails
     ``KVM_CAP_DISABLE_QUIRKS2`` with EINVAL.
     """
-    refuse_unsupported_quirks(vm, supported_quirks(vm.era, self_snoop=vm.config.host_self_snoop))
+    refuse_unsupported_quirks(
+        vm,
+        supported_quirks(vm.era, self_snoop=vm.config.host_self_snoop, tdp=vm.config.tdp),
+    )
