@@ -89,7 +89,9 @@ class VCpu:
         self.rflags_ac = False
         self.pkru = 0
         self.pat = PAT_DEFAULT
-        self.mtrr = MtrrState()
+        # kvm_mtrr_valid checks reserved bits against the guest CPUID MAXPHYADDR,
+        # which the model takes as the host width (no separate guest CPUID).
+        self.mtrr = MtrrState(maxphyaddr=vm.config.host_maxphyaddr)
         self.msrs: dict[int, int] = {}
         self.trace: deque[TraceEvent] | None = None
 

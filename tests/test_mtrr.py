@@ -315,3 +315,22 @@ def test_zap_range_variable_span() -> None:
     add_var(m, 3, 2 * GIB, GIB, UC)
     assert m.zap_range_after_write(mtrr_physmask(3)) == ((2 * GIB) >> 12, (3 * GIB) >> 12)
     assert m.zap_range_after_write(0x277) is None
+
+
+@pytest.mark.parametrize(("maxphy", "ok"), [(46, False), (52, True)])
+def test_variable_range_reserved_bits_follow_vm_maxphyaddr(maxphy: int, ok: bool) -> None:
+    """``kvm_mtrr_valid``: bits above the guest MAXPHYADDR are reserved (spec §4).
+
+    The vCPU's MTRRs use the VM's physical-address width, not a fixed 46.
+    """
+    import kvmmu
+    from kvmmu.errors import KvmError
+
+    v = kvmmu.VM(kvmmu.VMConfig(host_maxphyaddr=maxphy))
+    mask = (1 << 50) | (1 << 11)
+    if ok:
+        v.vcpus[0].set_msr(mtrr_physmask(0), mask)
+        assert v.vcpus[0].get_msr(mtrr_physmask(0)) == mask
+    else:
+        with pytest.raises(KvmError):
+            v.vcpus[0].set_msr(mtrr_physmask(0), mask)
