@@ -100,6 +100,13 @@ class VM:
             if enabled:
                 if not bit & present:
                     raise KvmError(errno.EINVAL, f"quirk {name!r} does not exist in kernel {era}")
+                if not bit & mask:
+                    raise KvmError(
+                        errno.EINVAL,
+                        f"quirk {name!r} starts disabled in kernel {era} on vendor "
+                        f"{cfg.vendor!r} (inapplicable_quirks) and KVM cannot re-enable it; "
+                        "leave it out of [quirks] or set it false",
+                    )
                 continue
             if not bit & supported:
                 why = "host CPU lacks self-snoop" if bit & present else f"not in kernel {era}"

@@ -131,3 +131,12 @@ def test_disable_quirks_caps_do_not_exist_before_their_release(era: str, cap2: b
     with pytest.raises(KvmError) as e:
         vm("vmx", era).disable_quirks(CD_NW, cap2=cap2)
     assert e.value.errno == errno.EINVAL
+
+
+def test_6_16_enabling_a_quirk_that_starts_disabled_is_refused_not_ignored() -> None:
+    """A config that asks for an inapplicable quirk on must not be silently overridden."""
+    with pytest.raises(kvmmu.KvmError) as ei:
+        kvmmu.VM(kvmmu.VMConfig(vendor="vmx", era="6.16", quirks={"cd_nw_cleared": True}))
+    assert ei.value.errno == errno.EINVAL and "cannot re-enable" in str(ei.value)
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", era="6.15", quirks={"cd_nw_cleared": True}))
+    assert vm.has_quirk(1 << 1)
