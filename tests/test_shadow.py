@@ -627,3 +627,30 @@ def test_track_write_without_indirect_shadow_pages_does_nothing() -> None:
     assert vm.mmu.indirect_shadow_pages == 0
     vm.mmu.track_write(0x10000, b"\0" * 8)
     assert vm.stats["mmu_pte_write"] == 0
+
+
+def test_walk_skips_a_d_update_of_tables_in_a_read_only_slot() -> None:
+    """§3.7 ``update_accessed_dirty_bits``: tables in read-only host mappings
+    (``walker->pte_writable`` false: a ``KVM_MEM_READONLY`` slot) are skipped;
+    the walk still succeeds and the guest memory is left unchanged."""
+    vm = make_vm()
+    ro = HVA + (64 << 20)
+    base = 0x2000000
+    vm.host.mmap_anon(ro, 1 << 20)
+    vm.set_user_memory_region(1, kvmmu.KVM_MEM_READONLY, base, 1 << 20, ro)
+
+    def host_write(gpa: int, value: int) -> None:
+        pfn = vm.host.hva_to_pfn(ro + (gpa & ~0xFFF) - base, write=True)
+        vm.host.write_phys((pfn << 12) + (gpa & 0xFFF), value.to_bytes(8, "little"))
+
+    host_write(base, (base + 0x1000) | URW)
+    host_write(base + 0x1000, (base + 0x2000) | URW)
+    host_write(base + 0x2000 + 2 * 8, (base + 0x3000) | URW)
+    host_write(base + 0x3000, 0x200000 | URW)
+    v = vm.vcpus[0]
+    v.set_sregs(cr0=CR0, cr3=base, cr4=P.CR4_PAE, efer=P.EFER_LME | P.EFER_NXE)
+    r = v.access(0x400000, "write", 1, b"a")
+    assert r.fault is None and r.gpa == 0x200000
+    assert vm.read_guest(0x200000, 1) == b"a"
+    for gpa in (base, base + 0x1000, base + 0x2000 + 16, base + 0x3000):
+        assert not int.from_bytes(vm.read_guest(gpa, 8), "little") & (P.PTE_A | P.PTE_D)

@@ -140,15 +140,23 @@ def walk_addr(
     if w.fault:
         gw.fault = GuestFault(w.vector or paging.PF_VECTOR, w.error_code, gva)
         return gw
+    ad_writes: dict[int, int] = {}
     for addr, value in w.ad_writes.items():
+        # update_accessed_dirty_bits skips a table whose host mapping is not
+        # writable (walker->pte_writable: a read-only memslot; spec §3.7): the
+        # walk still succeeds and the gPTE keeps its old value.
+        slot = vm.memslots.gfn_to_memslot(addr >> 12)
+        if slot is None or slot.is_readonly:
+            continue
         vm.write_guest_kvm(addr, value.to_bytes(size, "little"))
+        ad_writes[addr] = value
     nx = bool(vcpu.efer & paging.EFER_NXE)
     acc = ACC_ALL
     leaf = 0
     entries = w.entries[1:] if pae else w.entries
     gw.max_level = entries[0][0]
     for level, addr, value in entries:
-        value = w.ad_writes.get(addr, value)
+        value = ad_writes.get(addr, value)
         gw.pt_access[level - 1] = acc
         gw.table_gfn[level - 1] = addr >> 12
         gw.pte_gpa[level - 1] = addr
