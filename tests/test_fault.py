@@ -524,3 +524,25 @@ def test_direct_prefetch_of_tracked_gfn_is_read_only() -> None:
     assert not tracked & (S.PT_WRITABLE_MASK | fmt.mmu_writable_mask)
     other = vm.mmu.translate(0x16 << 12)[0]
     assert other & S.PT_WRITABLE_MASK and not other & fmt.accessed_mask
+
+
+def test_smm_mmio_spte_uses_the_vcpu_address_space_generation() -> None:
+    """§3.10: ``make_mmio_spte`` and ``check_mmio_spte`` use
+    ``kvm_vcpu_memslots(vcpu)->generation``, the generation of the address
+    space the fault runs in (SMM: as_id 1), so a memslot update in as_id 0
+    does not make an SMM MMIO SPTE stale."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    gpa = 0x1_0000_0000
+    ms = vm.memslots
+    assert ms.generation_of(1) != ms.generation_of(0)
+    assert vm.mmu.page_fault(v, gpa, R, as_id=1) == RET_PF_EMULATE
+    spte = vm.mmu.translate(gpa, as_id=1)[0]
+    assert S.get_mmio_spte_generation(spte) == ms.generation_of(1) & S.MMIO_SPTE_GEN_MASK
+    vm.host.mmap_anon(HVA + (1 << 32), 1 << 21)
+    vm.set_user_memory_region(1, 0, 1 << 40, 1 << 21, HVA + (1 << 32))  # as_id 0 only
+    taken = vm.stats["pf_taken"]
+    # the MMIO cache (as_id 0 generation) misses; the SPTE's generation matches
+    assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK, as_id=1) == RET_PF_EMULATE
+    assert vm.stats["pf_taken"] == taken
+    assert vm.mmu.translate(gpa, as_id=1)[0] == spte

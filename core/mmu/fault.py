@@ -359,7 +359,11 @@ class FaultMixin(TdpBase):
             # are a KVM bug: WARN, -EINVAL (spec/kvm-mmu.md §3.10).
             raise KvmError(errno.EINVAL, f"reserved bits set on MMU-present spte {spte:#x}")
         if S.is_mmio_spte(self.fmt, spte):
-            if not S.check_mmio_spte(spte, self.vm.memslots.generation, self.fmt.mmio_gen_layout):
+            # check_mmio_spte reads kvm_vcpu_memslots(vcpu)->generation: the
+            # generation of the vCPU's address space (SMM: as_id 1), while the
+            # MMIO cache uses kvm_memslots(kvm), i.e. as_id 0 (§3.10).
+            gen = self.vm.memslots.generation_of(root.as_id)
+            if not S.check_mmio_spte(spte, gen, self.fmt.mmio_gen_layout):
                 return RET_PF_INVALID
             self._cache_mmio_info(
                 vcpu,
@@ -488,7 +492,8 @@ class FaultMixin(TdpBase):
         slot = f.slot
         wrprot = False
         if slot is None:
-            new = S.make_mmio_spte(fmt, gfn, S.ACC_ALL, vm.memslots.generation)
+            # make_mmio_spte: kvm_vcpu_memslots(vcpu)->generation (§3.10)
+            new = S.make_mmio_spte(fmt, gfn, S.ACC_ALL, vm.memslots.generation_of(f.as_id))
         else:
             pfn = f.pfn
             prefetch = f.prefetch
