@@ -654,3 +654,40 @@ def test_walk_skips_a_d_update_of_tables_in_a_read_only_slot() -> None:
     assert vm.read_guest(0x200000, 1) == b"a"
     for gpa in (base, base + 0x1000, base + 0x2000 + 16, base + 0x3000):
         assert not int.from_bytes(vm.read_guest(gpa, 8), "little") & (P.PTE_A | P.PTE_D)
+
+
+def test_new_pgd_clears_the_root_write_flooding_count(env: tuple[kvmmu.VM, GuestTables]) -> None:
+    """§3.15 ``kvm_mmu_new_pgd``: switching to a cached root resets its
+    write-flooding count (``__clear_sp_write_flooding_count``)."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    root = vm.mmu.vstate(v).root
+    assert root is not None
+    for _n in range(2):
+        vm.mmu.track_write(gt.cr3 + 8 * 300, bytes(8))
+    assert root.write_flooding_count == 2
+    other = GuestTables(vm, base=0x80000)
+    v.set_sregs(cr3=other.cr3)
+    v.set_sregs(cr3=gt.cr3)
+    assert vm.mmu.vstate(v).root is root and root.write_flooding_count == 0
+
+
+def test_direct_upper_lookup_zaps_unsync_sps_of_the_gfn() -> None:
+    """§3.15/§2.4 ``kvm_mmu_find_shadow_page``: a lookup above 4K zaps unsync
+    sps of the same gfn, also for a direct role (guest paging off: the
+    direct root of gfn 0 zaps an unsync guest PT at gfn 0)."""
+    vm = make_vm()
+    gt = GuestTables(vm, base=0x10000)
+    gt.write(gt.entry(0x400000, 2), 0x0 | URW)  # 0x400000's page table is at gpa 0
+    gt.write(0x0, 0x200000 | URW | P.PTE_A)
+    gt.map(0x600000, 0x0, URW | P.PTE_A | P.PTE_D)  # and is writable at 0x600000
+    gt.start()
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pt = next(s for s in vm.mmu.active.values() if s.gfn == 0 and s.role.level == 1)
+    assert v.access(0x600000, "write", 1, b"\0").fault is None
+    assert pt.unsync
+    v.set_sregs(cr0=1, cr3=0, cr4=0, efer=0)
+    v.access(0x1000, "read")
+    assert pt.invalid

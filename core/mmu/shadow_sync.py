@@ -43,7 +43,9 @@ class ShadowSync(ShadowBase):
         write-protected and stays unsync; a failed sync zaps it and a new one
         is built.
         """
-        if not role.direct and role.level > 1:
+        # kvm_mmu_find_shadow_page: any lookup above 4K (direct ones too)
+        # zaps the unsync sps of the gfn it passes.
+        if role.level > 1:
             for other in list(self.gfn_sps.get(gfn, ())):
                 if other.role != role and other.unsync:
                     self.zap_page(other)
