@@ -250,3 +250,21 @@ def test_prefault_honours_per_frame_guest_mtrr_types_in_6_8_with_noncoherent_dma
     wb = bulk.mmu.translate(0x40_0000)
     assert uc is not None and (uc[0] >> 3) & 7 == 0  # the UC frame's SPTE is UC
     assert wb is not None and (wb[0] >> 3) & 7 == 6
+
+
+def test_prefault_progress_is_goal_level_of_the_fault() -> None:
+    """§6 step 5: ``kvm_tdp_map_page`` reports ``fault.goal_level``. When the
+    fast path answers (A/D off: an access-tracked huge leaf is restored
+    locklessly), ``kvm_mmu_hugepage_adjust`` never ran, so the goal stays 4K
+    and each step advances 4K even though the SPTE is a 2M leaf."""
+    vm = _vm(plugins={"vmx": {"ept_ad": False}})
+    assert vm.pre_fault_memory(0, 2 << 20) == 2 << 20
+    spte = vm.mmu._last_spte(vm.mmu.get_root(0), 0)[3]
+    assert spte & S.PT_PAGE_SIZE_MASK and S.is_access_track_spte(vm.spte_format, spte)
+    assert vm.mmu.translate(0x1000) is None
+    fast = vm.stats["pf_fast"]
+    assert vm.pre_fault_memory(0, 2 << 20) == 2 << 20
+    # first step FIXED (restore), then 511 SPURIOUS steps, all 4K, all fast
+    assert vm.stats["pf_fast"] - fast == 512
+    # the access-tracked leaf was restored (hardware-present again)
+    assert vm.mmu.translate(0x1000)[1] == 2

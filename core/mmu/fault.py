@@ -125,6 +125,10 @@ FaultSteps = Generator[str, None, int]
 class FaultMixin(TdpBase):
     """The fault path of :class:`kvmmu.mmu.TdpMmu`."""
 
+    #: ``fault.goal_level`` of the last fault (``kvm_mmu_do_page_fault``'s
+    #: ``level`` out-parameter).
+    last_goal_level: int = S.PG_LEVEL_4K
+
     # ----------------------------------------------------------- entry points
     #
     # The fault is four step functions separated by the three points where the
@@ -278,6 +282,9 @@ class FaultMixin(TdpBase):
         """Count ``pf_*`` (``kvm_mmu_do_page_fault``) and ``ret_pf.*``; a
         ``RET_PF_INVALID`` from the fault path is a KVM bug (-EIO)."""
         stats = self.vm.stats
+        # kvm_mmu_do_page_fault reports fault.goal_level to kvm_tdp_map_page
+        # (KVM_PRE_FAULT_MEMORY progress, kvm-mmu-2.md §6 step 5).
+        self.last_goal_level = S.PG_LEVEL_4K if f is None else f.goal_level
         if f is not None:
             if r == RET_PF_FIXED:
                 stats["pf_fixed"] += 1

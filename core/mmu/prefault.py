@@ -76,9 +76,14 @@ class PrefaultMixin(FaultMixin):
         self._templates: dict[tuple[int, bool, int | None, bool], int] = {}
         while done < size:
             try:
-                n = self._prefault_huge(gpa + done, size - done, vcpu)
-                if n == 0:
-                    n = self._prefault_bulk(gpa + done, size - done, vcpu)
+                n = 0
+                if not self.ad_disabled:
+                    # Without A/D every step may first hit fast_page_fault,
+                    # which restores access-tracked leaves (FIXED, goal 4K;
+                    # spec/kvm-mmu.md §3.11): only the scalar path models it.
+                    n = self._prefault_huge(gpa + done, size - done, vcpu)
+                    if n == 0:
+                        n = self._prefault_bulk(gpa + done, size - done, vcpu)
                 if n == 0:
                     n = self._prefault_one(gpa + done, size - done, vcpu)
             except KvmError:
@@ -102,8 +107,10 @@ class PrefaultMixin(FaultMixin):
             raise KvmError(errno.ENOENT, f"pre_fault_memory: gpa {gpa:#x} is not in a memslot")
         if r not in (RET_PF_FIXED, RET_PF_SPURIOUS):
             raise KvmError(errno.EIO, f"pre_fault_memory: unexpected RET_PF {r}")
-        hit = self._last_spte(self.get_root(0), gpa >> S.PAGE_SHIFT)
-        level = hit[2] if hit[3] & self.mmu_present else 1
+        # kvm_arch_vcpu_pre_fault_memory: progress to the end of the mapping
+        # at fault.goal_level (4K when the fast path answered), not at the
+        # level of whatever SPTE is there (kvm-mmu-2.md §6 step 5).
+        level = self.last_goal_level
         span = S.KVM_PAGES_PER_HPAGE(level) << S.PAGE_SHIFT
         end = (gpa & ~(span - 1)) + span
         return min(size, end - gpa)
