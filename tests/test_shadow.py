@@ -691,3 +691,21 @@ def test_direct_upper_lookup_zaps_unsync_sps_of_the_gfn() -> None:
     v.set_sregs(cr0=1, cr3=0, cr4=0, efer=0)
     v.access(0x1000, "read")
     assert pt.invalid
+
+
+def test_unprotect_page_zaps_every_indirect_sp_of_the_gfn(
+    env: tuple[kvmmu.VM, GuestTables],
+) -> None:
+    """§3.13 ``kvm_mmu_unprotect_page``: all indirect sps of the gfn are
+    zapped (the PD's write-track goes with them); the next fault rebuilds."""
+    vm, gt = env
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    pd = gt.entry(0x400000, 2) >> 12
+    sps = [s for s in vm.mmu.active.values() if s.gfn == pd]
+    assert sps and vm.page_track.count(pd) == 1
+    assert vm.mmu.unprotect_page(pd) is True
+    assert all(s.invalid for s in sps) and vm.page_track.count(pd) == 0
+    assert vm.mmu.unprotect_page(pd) is False
+    assert v.access(0x400000, "read").gpa == 0x200000
+    assert vm.check_invariants() == []

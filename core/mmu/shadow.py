@@ -405,6 +405,21 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         self.vm.stats["mmu_invlpg"] += 1
 
     # --------------------------------------------------------------- zaps
+    def unprotect_page(self, gfn: int) -> bool:
+        """``kvm_mmu_unprotect_page`` (mmu.c; spec/kvm-mmu.md §3.13).
+
+        Zap every valid indirect sp shadowing ``gfn`` (the retry-emulation and
+        nested-NPF helper) and commit: one flush if any sp went. Returns
+        whether one did.
+        """
+        self._need_lock("kvm_mmu_unprotect_page")
+        sps = list(self.gfn_sps.get(gfn, ()))
+        for sp in sps:
+            self.zap_page(sp, flush_now=False)
+        if sps:
+            self.flush_all()
+        return bool(sps)
+
     def _zap_leafs(self, start: int, end: int, *, wrprot_only: bool = False) -> tuple[int, int]:
         """Zap (or write-protect for dirty logging) every leaf mapping [start, end).
 
