@@ -27,6 +27,7 @@ from kvmmu.quirks import (
     initial_disabled_quirks,
     supported_quirks,
 )
+from kvmmu.spte import MMIO_SPTE_GEN_MASK
 from kvmmu.vcpu import VCpu
 
 __all__ = ["VM"]
@@ -71,6 +72,7 @@ class VM:
         self.spte_format = self.hooks.spte_format()
         self.mmu = self._make_mmu()
         self.host.register_notifier(self.mmu)
+        self.memslots.memslots_updated.append(self._memslots_updated)
         for i in range(cfg.vcpus):
             self.create_vcpu(i)
         self.hooks.vm_init()
@@ -125,6 +127,19 @@ class VM:
         from kvmmu.mmu.shadow import ShadowMmu
 
         return ShadowMmu(self)
+
+    def _memslots_updated(self, as_id: int, gen: int) -> None:
+        """``kvm_arch_memslots_updated`` -> ``kvm_mmu_invalidate_mmio_sptes``.
+
+        When the MMIO generation (the 19 bits MMIO SPTEs carry, address-space
+        bits stripped) wraps to 0, old MMIO SPTEs could match again, so every
+        root is obsoleted with ``kvm_mmu_zap_all_fast`` (spec/kvm-mmu.md §3.10).
+        Generic x86 code: it applies to the TDP and the shadow MMU alike.
+        """
+        gen &= MMIO_SPTE_GEN_MASK
+        gen &= ~(self.memslots.nr_as_ids - 1)
+        if gen == 0:
+            self.mmu.zap_all_fast()
 
     def create_vcpu(self, index: int | None = None) -> VCpu:
         """``KVM_CREATE_VCPU``."""

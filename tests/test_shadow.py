@@ -709,3 +709,16 @@ def test_unprotect_page_zaps_every_indirect_sp_of_the_gfn(
     assert vm.mmu.unprotect_page(pd) is False
     assert v.access(0x400000, "read").gpa == 0x200000
     assert vm.check_invariants() == []
+
+
+def test_mmio_generation_wrap_zaps_all_fast_under_shadow_paging() -> None:
+    """§3.10: kvm_arch_memslots_updated is generic x86 code: a wrap of the MMIO
+    generation obsoletes the shadow MMU's roots too."""
+    from kvmmu.spte import MMIO_SPTE_GEN_MASK
+
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", tdp=False))
+    vm.host.mmap_anon(0x7000_0000_0000, 4 << 20)
+    vm.set_user_memory_region(0, 0, 0, 2 << 20, 0x7000_0000_0000)
+    vm.memslots._gen[0] = MMIO_SPTE_GEN_MASK + 1 - vm.memslots.nr_as_ids
+    vm.set_user_memory_region(1, 0, 2 << 20, 2 << 20, 0x7000_0020_0000)
+    assert vm.stats["mmu_zap_all_fast"] == 1

@@ -123,14 +123,6 @@ class OpsMixin(TdpBase, MmuNotifierMixin):
         else:
             self.flush_range(self.zap_leafs(slot.base_gfn, slot.end_gfn, slot.as_id))
 
-    def invalidate_mmio_sptes(self, gen: int) -> None:
-        """``kvm_mmu_invalidate_mmio_sptes``: zap everything when the MMIO
-        generation (address-space bits stripped) wraps to 0 (§3.10)."""
-        gen &= S.MMIO_SPTE_GEN_MASK
-        gen &= ~(int(getattr(self.vm.memslots, "nr_as_ids", 2)) - 1)
-        if gen == 0:
-            self.zap_all_fast()
-
     def track_write(self, gpa: int, new: bytes) -> None:
         """``kvm_mmu_track_write``: returns at once with no indirect shadow pages."""
         return None

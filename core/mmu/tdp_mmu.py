@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from kvmmu.mmu.dirty import DirtyMixin
 from kvmmu.mmu.invariants import InvariantsMixin
 from kvmmu.mmu.ops import OpsMixin
@@ -23,13 +21,3 @@ class TdpMmu(PrefaultMixin, OpsMixin, DirtyMixin, InvariantsMixin):
     :meth:`translate`, :meth:`access_allowed`, :meth:`fault_error_code`,
     :meth:`root_hpa`, :attr:`pool`. Checks: :meth:`check_invariants`.
     """
-
-    def __init__(self, vm: Any) -> None:
-        super().__init__(vm)
-        # kvm_arch_memslots_updated -> kvm_mmu_invalidate_mmio_sptes on every
-        # memslots generation bump (spec/kvm-mmu.md §3.10, wrap -> zap_all_fast).
-        vm.memslots.memslots_updated.append(self._memslots_updated)
-
-    def _memslots_updated(self, as_id: int, gen: int) -> None:
-        """``kvm_arch_memslots_updated(kvm, gen)`` (x86.c): check for an MMIO-gen wrap."""
-        self.invalidate_mmio_sptes(gen)
