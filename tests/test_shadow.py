@@ -722,3 +722,31 @@ def test_mmio_generation_wrap_zaps_all_fast_under_shadow_paging() -> None:
     vm.memslots._gen[0] = MMIO_SPTE_GEN_MASK + 1 - vm.memslots.nr_as_ids
     vm.set_user_memory_region(1, 0, 2 << 20, 2 << 20, 0x7000_0020_0000)
     assert vm.stats["mmu_zap_all_fast"] == 1
+
+
+def test_dirty_log_enable_flushes_whole_slot_and_disable_recovers_huge_pages() -> None:
+    """kvm-mmu-2 §7.1: enabling logging write-protects and always flushes the
+    whole slot; disabling zaps collapsible 4K SPTEs of direct sps (§5.3) so the
+    next fault maps the guest's 2M page huge again."""
+    flushes: list[tuple[int, int]] = []
+
+    class Rec:
+        @kvmmu.hookimpl
+        def kvmmu_flush_remote_tlbs_range(self, gfn: int, nr_pages: int) -> None:
+            flushes.append((gfn, nr_pages))
+
+    hva = 0x7000_0000_0000
+    vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", tdp=False))
+    vm.host.mmap_anon(hva, 8 << 20, page_level=2)
+    vm.set_user_memory_region(0, 0, 0, 8 << 20, hva)
+    vm.register_plugin(Rec(), "rec")
+    v = vm.vcpus[0]  # guest paging off: direct shadow pages, huge where possible
+    v.access(0x40_0000, "read")
+    assert v.access(0x40_0000, "read").level == 2
+    vm.set_user_memory_region(0, kvmmu.KVM_MEM_LOG_DIRTY_PAGES, 0, 8 << 20, hva)
+    assert (0, 2048) in flushes  # the whole slot
+    v.access(0x40_1000, "write", 8, b"\x01" * 8)  # logging: 4K
+    assert v.access(0x40_1000, "read").level == 1
+    vm.set_user_memory_region(0, 0, 0, 8 << 20, hva)  # disable: recover huge pages
+    assert v.access(0x40_1000, "read").level == 2
+    assert vm.check_invariants() == []

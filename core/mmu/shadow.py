@@ -502,20 +502,47 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
 
         Enabling dirty logging write-protects every leaf of the slot (W only:
         MMU-writable stays, as for dirty logging), unless the bitmap starts
-        all-set (manual protect + INITIALLY_SET). Disabling recovers nothing
-        eagerly: huge leaves come back as faults rebuild them.
+        all-set (manual protect + INITIALLY_SET), then flushes the whole slot.
+        Disabling recovers huge pages (:meth:`recover_huge_pages`).
         """
         from kvmmu.memslot import MemslotChange
 
         if change is not MemslotChange.FLAGS_ONLY or old is None or new is None:
             return
-        if new.is_readonly or not new.logs_dirty or old.logs_dirty:
+        if new.is_readonly or new.logs_dirty == old.logs_dirty:
+            return
+        if not new.logs_dirty:
+            self.recover_huge_pages(new)
             return
         ms = self.vm.memslots
         if ms.manual_dirty_log_protect and ms.dirty_log_initially_set:
             return
         self._need_lock("kvm_mmu_slot_remove_write_access")
-        self._flush_hull(self._zap_leafs(new.base_gfn, new.end_gfn, wrprot_only=True))
+        self._zap_leafs(new.base_gfn, new.end_gfn, wrprot_only=True)
+        # kvm_flush_remote_tlbs_memslot: always, over the whole slot (§7.1).
+        self.flush_gfns(new.base_gfn, new.npages)
+
+    def recover_huge_pages(self, slot: Memslot) -> None:
+        """``kvm_mmu_zap_collapsible_sptes`` -> ``kvm_rmap_zap_collapsible_sptes``.
+
+        After dirty logging is disabled (spec/kvm-mmu-2.md §7.1 step 3, §5.3):
+        zap the 4K SPTEs of *direct* shadow pages whose gfn can now be mapped
+        huge, so the next fault rebuilds the huge mapping. Indirect shadow
+        pages mirror the guest's own 4K tables and are not collapsible.
+        """
+        self._need_lock("kvm_mmu_zap_collapsible_sptes")
+        lo, hi = self.max_gfn + 1, 0
+        for key in list(self.rmap):
+            if not slot.base_gfn <= key < slot.end_gfn:
+                continue
+            for sp, i in list(self.rmap.get(key, ())):
+                if not sp.role.direct or sp.role.level != 1:
+                    continue
+                if self.max_mapping_level(slot, key, self.max_huge_page_level) <= 1:
+                    continue
+                if self.drop_spte(sp, i):
+                    lo, hi = min(lo, key), max(hi, key + 1)
+        self._flush_hull((lo, hi))
 
     def write_protect_gfns(self, gfns: np.ndarray) -> None:
         """``kvm_arch_mmu_enable_log_dirty_pt_masked``: clear W on the harvested gfns."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmmu import paging
 from kvmmu import spte as S
@@ -259,23 +259,29 @@ class ShadowFetch(ShadowSync):
         slot = fault.slot
         if fault.max_level <= 1 or slot is None or fault.pfn == NOSLOT_PFN or slot.logs_dirty:
             return
-        level = min(fault.max_level, self.max_huge_page_level)
+        level = self.max_mapping_level(slot, fault.gfn, fault.max_level)
+        fault.goal_level = level
+        if level > 1:
+            fault.pfn &= ~(S.KVM_PAGES_PER_HPAGE(level) - 1)
+
+    def max_mapping_level(self, slot: Any, gfn: int, max_level: int) -> int:
+        """``__kvm_mmu_max_mapping_level`` (spec/kvm-mmu.md §3.6): clamp to
+        ``max_huge_page_level``, step down while the frame leaves the slot or
+        ``disallow_lpage`` is set, then cap at the host mapping level."""
+        level = min(max_level, self.max_huge_page_level)
         while level > 1:
             n = S.KVM_PAGES_PER_HPAGE(level)
-            base = fault.gfn & ~(n - 1)
+            base = gfn & ~(n - 1)
             if (
                 slot.base_gfn <= base
                 and base + n <= slot.end_gfn
-                and not slot.lpage_disallowed(fault.gfn, level)
+                and not slot.lpage_disallowed(gfn, level)
             ):
                 break
             level -= 1
         if level > 1:
-            host = self.vm.host.host_mapping_level(slot.gfn_to_hva(fault.gfn))
-            level = min(level, host)
-        fault.goal_level = level
-        if level > 1:
-            fault.pfn &= ~(S.KVM_PAGES_PER_HPAGE(level) - 1)
+            level = min(level, self.vm.host.host_mapping_level(slot.gfn_to_hva(gfn)))
+        return level
 
     # ----------------------------------------------------------------- fetch
     def gpte_changed(self, gw: GuestWalker, level: int) -> bool:
