@@ -70,57 +70,25 @@ def test_import_from_any_directory(tmp_path: Path) -> None:
     assert out.stdout.strip() == "npt"
 
 
-def test_ruff_clean() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "check",
-            "core",
-            "plugins",
-            "tests",
-            "benchmarks",
-            "examples",
-            "tools",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+CODE_DIRS = ("core", "plugins", "tests", "benchmarks", "examples", "tools")
+
+
+def _tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def test_ruff_clean() -> None:
+    out = _tool("-m", "ruff", "check", *CODE_DIRS)
     assert out.returncode == 0, out.stdout
 
 
 def test_ruff_format_clean() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "format",
-            "--check",
-            "core",
-            "plugins",
-            "tests",
-            "benchmarks",
-            "examples",
-            "tools",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _tool("-m", "ruff", "format", "--check", *CODE_DIRS)
     assert out.returncode == 0, out.stdout
 
 
 def test_mypy_clean() -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "typecheck.py")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = _tool(str(ROOT / "tools" / "typecheck.py"), timeout=900)
     assert out.returncode == 0, out.stdout[-4000:]
