@@ -40,9 +40,7 @@ class Hooks:
         return fmt
 
     def get_mt_mask(self, vcpu: VCpu | None, gfn: int, is_mmio: bool) -> int | None:
-        r = self.host.call_first(
-            "kvmmu_get_mt_mask", vm=self.vm, vcpu=vcpu, gfn=gfn, is_mmio=is_mmio
-        )
+        r = self.host.call_first_args("kvmmu_get_mt_mask", (self.vm, vcpu, gfn, is_mmio))
         return None if r is None else int(r)
 
     def effective_memtype(
@@ -65,9 +63,7 @@ class Hooks:
         return cr0 if r is None else int(r)
 
     def max_mapping_level(self, vcpu: VCpu | None, gfn: int, max_level: int) -> int | None:
-        r = self.host.call_first(
-            "kvmmu_max_mapping_level", vm=self.vm, vcpu=vcpu, gfn=gfn, max_level=max_level
-        )
+        r = self.host.call_first_args("kvmmu_max_mapping_level", (self.vm, vcpu, gfn, max_level))
         return None if r is None else int(r)
 
     def noncoherent_dma_changed(self, old_count: int, new_count: int) -> None:

@@ -221,6 +221,8 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self._by_name: dict[str, object] = {}
         self._impls: dict[str, list[tuple[str, Callable[..., Any], tuple[str, ...]]]] = {}
+        self._plans: dict[str, list[tuple[str, Callable[..., Any], tuple[int, ...] | None]]] = {}
+        self._specs: dict[str, tuple[str, ...]] = {}
 
     # registration ------------------------------------------------------
     def register(self, obj: object, name: str) -> None:
@@ -236,6 +238,7 @@ class PluginHost:
             raise PluginError(name, None, f"invalid hook implementation: {e}") from e
         self._by_name[name] = obj
         self._impls.clear()
+        self._plans.clear()
 
     def unregister(self, name: str) -> object:
         """Remove the plugin registered as ``name`` and return it."""
@@ -244,6 +247,7 @@ class PluginHost:
             raise PluginError(name, None, f"not registered; registered: {sorted(self._by_name)}")
         self.pm.unregister(obj)
         self._impls.clear()
+        self._plans.clear()
         return obj
 
     def get(self, name: str) -> object | None:
@@ -314,22 +318,46 @@ class PluginHost:
             raise first_err
         return results
 
+    def spec_argnames(self, hook: str) -> tuple[str, ...]:
+        """The hookspec's argument names, in order."""
+        spec = self._specs.get(hook)
+        if spec is None:
+            hc = getattr(self.pm.hook, hook)
+            spec = tuple(hc.spec.argnames) if hc.spec is not None else ()
+            self._specs[hook] = spec
+        return spec
+
+    def _plan(self, hook: str) -> list[tuple[str, Callable[..., Any], tuple[int, ...] | None]]:
+        """:meth:`impls` with each implementation's arguments as positions in
+        the hookspec's order (None: the implementation takes them all, in order)."""
+        spec = self.spec_argnames(hook)
+        plan = [
+            (name, fn, None if argnames == spec else tuple(spec.index(a) for a in argnames))
+            for name, fn, argnames in self.impls(hook)
+        ]
+        self._plans[hook] = plan
+        return plan
+
     def call_first(self, hook: str, **kwargs: Any) -> Any:
-        """Call implementations until one returns non-None (``firstresult``).
+        """Call implementations until one returns non-None (``firstresult``)."""
+        return self.call_first_args(hook, tuple(kwargs[a] for a in self.spec_argnames(hook)))
+
+    def call_first_args(self, hook: str, args: tuple[Any, ...]) -> Any:
+        """:meth:`call_first` with the arguments positional, in hookspec order.
 
         The per-fault hooks (``get_mt_mask``, ``max_mapping_level``) come
-        through here, so the loop calls each implementation inline rather
-        than through :meth:`_invoke`; errors are attributed the same way.
+        through here: no keyword dict per call, each implementation called
+        inline; errors are attributed as in :meth:`call`.
         """
-        impls = self._impls.get(hook)
-        if impls is None:
-            impls = self.impls(hook)
+        plan = self._plans.get(hook)
+        if plan is None:
+            plan = self._plan(hook)
         by_name = self._by_name
-        for name, fn, argnames in impls:
+        for name, fn, order in plan:
             if name not in by_name:
-                continue
+                continue  # unregistered during this walk
             try:
-                r = fn(*[kwargs[a] for a in argnames])
+                r = fn(*args) if order is None else fn(*[args[i] for i in order])
             except (KvmError, PluginError):
                 raise
             except Exception as e:

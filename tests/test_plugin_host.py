@@ -121,3 +121,44 @@ def test_one_plugin_manager_per_vm() -> None:
     assert a.plugins.pm is not b.plugins.pm
     assert a.plugins.names() == ["vmx"] and b.plugins.names() == ["svm"]
     assert a.spte_format.name != b.spte_format.name
+
+
+def test_call_first_args_maps_subset_and_reordered_arguments() -> None:
+    """Implementations may take any subset of the hookspec's arguments in any
+    order; the positional fast path hands each the right values, newest first,
+    and re-plans when a plugin joins or leaves."""
+    seen: list[tuple[str, object, object]] = []
+
+    class Old:
+        @kvmmu.hookimpl
+        def kvmmu_max_mapping_level(self, max_level: int, gfn: int) -> int:
+            seen.append(("old", max_level, gfn))
+            return 1
+
+    class New:
+        @kvmmu.hookimpl
+        def kvmmu_max_mapping_level(self, gfn: int) -> None:
+            seen.append(("new", gfn, None))
+
+    host = PluginHost()
+    host.register(Old(), "old")
+    assert host.call_first_args("kvmmu_max_mapping_level", (None, None, 0x42, 3)) == 1
+    host.register(New(), "new")
+    assert host.call_first("kvmmu_max_mapping_level", vm=None, vcpu=None, gfn=7, max_level=2) == 1
+    host.unregister("old")
+    assert host.call_first_args("kvmmu_max_mapping_level", (None, None, 9, 3)) is None
+    assert seen == [("old", 3, 0x42), ("new", 7, None), ("old", 2, 7), ("new", 9, None)]
+
+
+def test_call_first_args_names_the_plugin_that_raised() -> None:
+    class Bad:
+        @kvmmu.hookimpl
+        def kvmmu_get_mt_mask(self, gfn: int) -> int:
+            raise ZeroDivisionError(gfn)
+
+    host = PluginHost()
+    host.register(Bad(), "bad")
+    with pytest.raises(PluginError) as ei:
+        host.call_first_args("kvmmu_get_mt_mask", (None, None, 5, False))
+    assert ei.value.plugin == "bad" and ei.value.hook == "kvmmu_get_mt_mask"
+    assert "ZeroDivisionError" in str(ei.value)

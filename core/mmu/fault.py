@@ -242,7 +242,7 @@ class FaultMixin(TdpBase):
             if f.prefetch:
                 raise KvmError(errno.EAGAIN, f"gfn {f.gfn:#x} hit a memslot being changed")
             return RET_PF_RETRY
-        if self._retry_check_enabled() and self.invalidate.retry_gfn_unsafe(f.mmu_seq, f.gfn):
+        if self.retry_check and self.invalidate.retry_gfn_unsafe(f.mmu_seq, f.gfn):
             return RET_PF_RETRY
         # __kvm_faultin_pfn -> __gfn_to_pfn_memslot -> hva_to_pfn
         if f.write and slot.is_readonly:
@@ -268,7 +268,7 @@ class FaultMixin(TdpBase):
 
     def _pf_recheck(self, f: PageFault) -> int:
         """``mmu_invalidate_retry_gfn_unsafe`` after the pfn (lockless, §3.5)."""
-        if self._retry_check_enabled() and self.invalidate.retry_gfn_unsafe(f.mmu_seq, f.gfn):
+        if self.retry_check and self.invalidate.retry_gfn_unsafe(f.mmu_seq, f.gfn):
             return RET_PF_RETRY
         return RET_PF_CONTINUE
 
@@ -302,9 +302,6 @@ class FaultMixin(TdpBase):
         return r
 
     # ---------------------------------------------------------- kvm_faultin_pfn
-    def _retry_check_enabled(self) -> bool:
-        return bool(getattr(self.vm.config, "mmu_notifier_retry_check", True))
-
     def _handle_noslot_fault(self, f: PageFault) -> int:
         """``kvm_handle_noslot_fault`` (spec/kvm-mmu.md §3.5)."""
         self._cache_mmio_info(f.vcpu, f.gfn, S.ACC_ALL & self.fmt.mmio_access_mask)
@@ -319,7 +316,7 @@ class FaultMixin(TdpBase):
         """``is_page_fault_stale``: obsolete root, or ``mmu_invalidate_retry_gfn``."""
         if root.invalid:
             return True
-        if f.slot is None or not self._retry_check_enabled():
+        if f.slot is None or not self.retry_check:
             return False
         return self.invalidate.retry_gfn(f.mmu_seq, f.gfn)
 

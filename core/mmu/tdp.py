@@ -71,6 +71,9 @@ class TdpBase:
         #: ``kvm_mmu_max_gfn``: the last gfn below host MAXPHYADDR.
         self.max_gfn = (1 << (self.host_maxphyaddr - S.PAGE_SHIFT)) - 1
         self.nx_huge_pages = bool(getattr(cfg, "nx_huge_pages", False))
+        #: ``mmu_invalidate_retry_gfn[_unsafe]`` checks on (off only in the
+        #: explorer's ``buggy`` variant of the seed-005 race).
+        self.retry_check = bool(getattr(cfg, "mmu_notifier_retry_check", True))
         #: ``sp->role.ad_disabled`` for TDP = ``!kvm_ad_enabled``.
         self.ad_disabled = not fmt.ad_enabled
         #: ``tdp_mmu_enabled``: on by default since ~5.15 (spec kvm-mmu-2.md §8);
@@ -382,8 +385,10 @@ class TdpBase:
         """
         level = min(max_level, self.max_huge_page_level)
         info = slot.lpage_info
+        base = slot.base_gfn
         while level > S.PG_LEVEL_4K:
-            if not info[level][slot.lpage_idx(gfn, level)]:
+            sh = 9 * (level - 1)  # gfn_to_index, inline: this runs on every fault
+            if not info[level][(gfn >> sh) - (base >> sh)]:
                 break
             level -= 1
         if level == S.PG_LEVEL_4K:
