@@ -4,7 +4,9 @@
 (reading the guest's own page tables from guest memory), the translation
 through the MMU's tables with a fault loop when the hardware would exit
 (``kvm_mmu_page_fault``), emulation when the fault path says EMULATE
-(``x86_emulate_instruction`` -> ``emulator_write_phys``), and the vendor's
+(``x86_emulate_instruction`` -> ``emulator_write_phys``) unless KVM
+unprotects the gfn and lets the instruction run again instead
+(``EMULTYPE_ALLOW_RETRY_PF``, :mod:`kvmmu.emulate`), and the vendor's
 effective memory type of the bytes reached.
 """
 
@@ -20,6 +22,7 @@ from kvmmu.errors import GuestFault, KvmError
 from kvmmu.hostmem import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from kvmmu.emulate import Insn
     from kvmmu.memtype import MemType
     from kvmmu.vm import VM
 
@@ -94,6 +97,14 @@ class VCpu:
         self.mtrr = MtrrState(maxphyaddr=vm.config.host_maxphyaddr)
         self.msrs: dict[int, int] = {}
         self.trace: deque[TraceEvent] | None = None
+        # The instruction being run (vcpu.access's rip= and insn=) and the
+        # unprotect+retry guard vcpu->arch.last_retry_eip / last_retry_addr
+        # (kvmmu.emulate; None where KVM has 0).
+        self.insn_rip = 0
+        self.insn: str = "mov"
+        self.last_retry_eip: int | None = None
+        self.last_retry_addr: int | None = None
+        self._insn_seq = 0
 
     # registers ------------------------------------------------------------
     def set_sregs(
@@ -222,11 +233,32 @@ class VCpu:
 
     # accesses -------------------------------------------------------------
     def access(
-        self, gva: int, kind: Kind = "read", size: int = 8, data: bytes | None = None
+        self,
+        gva: int,
+        kind: Kind = "read",
+        size: int = 8,
+        data: bytes | None = None,
+        *,
+        rip: int | None = None,
+        insn: Insn = "mov",
     ) -> AccessResult:
-        """One guest access of ``size`` bytes at ``gva`` (split at a page boundary)."""
+        """One guest access of ``size`` bytes at ``gva`` (split at a page boundary).
+
+        The access is one instruction: ``insn`` names it (a plain MOV by
+        default; :data:`kvmmu.emulate.INSNS`), ``rip`` is its address for
+        the retry guard (``last_retry_eip``); without it every access is a
+        new instruction (a fresh identity no ``rip`` equals).
+        """
+        from kvmmu.emulate import INSNS
+
         if kind not in ("read", "write", "fetch"):
             raise ValueError(f"kind must be 'read', 'write' or 'fetch', got {kind!r}")
+        if insn not in INSNS:
+            raise ValueError(f"insn must be one of {sorted(INSNS)}, got {insn!r}")
+        if rip is None:
+            self._insn_seq += 1
+            rip = -self._insn_seq
+        self.insn_rip, self.insn = rip, insn
         if not 1 <= size <= PAGE_SIZE:
             raise ValueError(f"size must be 1..{PAGE_SIZE}, got {size}")
         if kind == "write":
@@ -256,6 +288,7 @@ class VCpu:
         )
 
     def _access_page(self, gva: int, kind: Kind, size: int, data: bytes | None) -> AccessResult:
+        from kvmmu.emulate import retry_instead_of_emulate
         from kvmmu.memtype import pat_index, pat_type
         from kvmmu.mmu import RET_PF_EMULATE
 
@@ -299,6 +332,10 @@ class VCpu:
             error_code = mmu.fault_error_code(hit, write, fetch, self.cpl == 3)
             r = mmu.page_fault(self, gpa, error_code)
             if r == RET_PF_EMULATE:
+                # x86_emulate_instruction may unprotect and re-enter the guest
+                # instead (cr2_or_gpa is the gpa under TDP).
+                if retry_instead_of_emulate(self, gpa, gpa, write):
+                    continue
                 return self._emulate(gva, gpa, kind, size, data, exits)
 
     def _touch(self, hpa: int, size: int, data: bytes | None) -> bytes | None:

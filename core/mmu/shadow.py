@@ -312,8 +312,10 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         Hit -> the bytes, A (and D on a write) set in the leaf, the vendor's
         memory type. Miss or violation -> ``kvm_mmu_page_fault``; a failed
         guest walk is injected (``AccessResult.fault``); EMULATE goes to the
-        vCPU's emulator (``x86_emulate_instruction``).
+        vCPU's emulator (``x86_emulate_instruction``), unless the retry rule
+        unprotects the gfn and the access runs again (:mod:`kvmmu.emulate`).
         """
+        from kvmmu.emulate import retry_instead_of_emulate
         from kvmmu.errors import GuestFault
         from kvmmu.memtype import pat_index, pat_type
         from kvmmu.vcpu import AccessResult
@@ -359,6 +361,11 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
                 vcpu._trace(kind, gva, None, None, None, None, "guest_fault")
                 return AccessResult(None, fault, None, None, None, exits=exits)
             if r == RET_PF_EMULATE:
+                # x86_emulate_instruction may unprotect the gfn and re-enter
+                # the guest instead (kvmmu.emulate; cr2_or_gpa is the gva).
+                assert st.gpa is not None
+                if retry_instead_of_emulate(vcpu, gva, st.gpa, write):
+                    continue
                 self._writer = vcpu
                 try:
                     return vcpu._emulate(gva, st.gpa, kind, size, data, exits)  # type: ignore[arg-type]
