@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kvmmu.errors import ExitCode, KvmmuError
+from kvmmu.errors import ConfigError, ExitCode, KvmmuError, PluginError
 from kvmmu.report import print_report, run_with_progress
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["cli", "main"]
@@ -63,11 +64,18 @@ class KvmmuGroup(click.Group):
                 continue  # `kvmmu plugins` reports import failures
             fn = getattr(cls, "kvmmu_cli_commands", None)
             if fn is not None:
-                before = set(self.commands)
+                before = dict(self.commands)
                 fn(self)
-                clash = before & set(self.commands) - before
+                clash = sorted(n for n, c in before.items() if self.commands.get(n) is not c)
                 if clash:
-                    raise click.ClickException(f"plugin {info.name} redefines {sorted(clash)}")
+                    # Keep the commands the plugin tried to replace (hookspecs:
+                    # "a command name that already exists is a plugin error").
+                    self.commands.update({n: before[n] for n in clash})
+                    raise PluginError(
+                        info.name,
+                        "kvmmu_cli_commands",
+                        f"adds command(s) {', '.join(clash)}, which already exist",
+                    )
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()
@@ -91,6 +99,17 @@ def cli() -> None:
     """
 
 
+def load_vm_config(path: Path) -> Any:
+    """``load_config``, with every unknown field told the allowed names."""
+    from kvmmu.config import VMConfig, load_config
+    from kvmmu.scenario_hints import explain
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ConfigError(explain(e.problems, VMConfig), e.source) from None
+
+
 # --------------------------------------------------------------------------
 # kvmmu plugins
 # --------------------------------------------------------------------------
@@ -106,10 +125,10 @@ def cli() -> None:
 )
 def plugins_cmd(as_json: bool, config_path: Path | None) -> None:
     """List installed plugins: name, kind, distribution, version, enabled."""
-    from kvmmu.config import VMConfig, load_config
+    from kvmmu.config import VMConfig
     from kvmmu.plugin_host import installed_plugins, load_plugin_class
 
-    cfg = load_config(config_path) if config_path else VMConfig()
+    cfg = load_vm_config(config_path) if config_path else VMConfig()
     enabled = {cfg.vendor, *cfg.plugins.enabled}
     rows: list[dict[str, Any]] = []
     for p in installed_plugins():
@@ -142,7 +161,7 @@ def plugins_cmd(as_json: bool, config_path: Path | None) -> None:
             r["distribution"],
             r["version"],
             "yes" if r["enabled"] else "no",
-            r["description"],
+            escape(r["description"]),
         )
     console.print(table)
 
@@ -161,8 +180,6 @@ def config_group() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def config_validate(file: Path) -> None:
     """Validate FILE (a VM config or a scenario); list every problem."""
-    from kvmmu.config import load_config
-
     try:
         from kvmmu.scenario import is_scenario_file, load_scenario
     except ImportError:  # scenarios are optional for plain VM configs
@@ -170,7 +187,7 @@ def config_validate(file: Path) -> None:
     if is_scenario_file is not None and is_scenario_file(file):
         load_scenario(file)
     else:
-        load_config(file)
+        load_vm_config(file)
     click.echo(f"{file}: ok")
 
 
@@ -198,7 +215,8 @@ def run_cli(fn: Callable[[], Any]) -> int:
     try:
         fn()
     except KvmmuError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # escape: messages quote TOML tables ("[vm]") that are not rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return int(e.exit_code)
     except click.exceptions.Exit as e:
         return int(e.exit_code)
@@ -210,7 +228,9 @@ def run_cli(fn: Callable[[], Any]) -> int:
     except click.exceptions.Abort:
         return int(ExitCode.USAGE)
     except Exception as e:  # a bug in the model: say so, with the type
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}", highlight=False)
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False
+        )
         return int(ExitCode.INTERNAL)
     return int(ExitCode.OK)
 
@@ -280,12 +300,14 @@ def compare_cmd(
     if as_json:
         emit_json(result)
     else:
-        t = Table(title=f"{sc.name}: differences between runs")
-        t.add_column("metric")
+        t = Table(title=f"{escape(sc.name)}: differences between runs")
+        t.add_column("metric", overflow="fold")  # dotted names are one word: fold, never cut
         for label in result["runs"]:
             t.add_column(label)
         for row in result["differences"]:
-            t.add_row(row["metric"], *[str(row["values"][lb]) for lb in result["runs"]])
+            t.add_row(
+                escape(row["metric"]), *[escape(str(row["values"][lb])) for lb in result["runs"]]
+            )
         console.print(t)
         console.print(
             f"{len(result['differences'])} metrics differ, {result['equal_metrics']} equal"
@@ -321,9 +343,22 @@ def memtype_cmd(
     guest PAT type, guest MTRR type); each row is one guest read through a
     real VM of that vendor and era (spec/memtype.md §5, §7, §9).
     """
+    from kvmmu.era import NEWEST, era_of
     from kvmmu.memtype_matrix import MATRIX_KEYS, memtype_matrix, plot_matrix
+    from kvmmu.plugin_host import load_plugin_class
 
-    rows = memtype_matrix(vendors or ("vmx", "svm"), list(eras) or None)
+    vendors = vendors or ("vmx", "svm")
+    problems = []
+    for vendor in vendors:
+        firsts = getattr(load_plugin_class(vendor, "vendor"), "ERAS", (str(NEWEST),))
+        for era in eras:
+            try:
+                era_of(era, firsts)
+            except ValueError as e:
+                problems.append((f"--era {era}", str(e)))
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    rows = memtype_matrix(vendors, list(eras) or None)
     if plot:
         plot_matrix(rows, plot)
     if as_json:
@@ -368,7 +403,7 @@ def explore_cmd(scenario: str | None, variant: str | None, list_: bool, as_json:
         for col in ("name", "variants", "description"):
             t.add_column(col)
         for name, info in BUILTIN_SCENARIOS.items():
-            t.add_row(name, ", ".join(info["variants"]), str(info["description"]))
+            t.add_row(name, ", ".join(info["variants"]), escape(str(info["description"])))
         console.print(t)
         if scenario is None and not list_:
             raise click.UsageError("give a scenario NAME or FILE (see the list above)")
@@ -393,9 +428,9 @@ def explore_cmd(scenario: str | None, variant: str | None, list_: bool, as_json:
                 f"{len(v['schedule'])} steps):"
             )
             for n, step in enumerate(v["schedule"], 1):
-                console.print(f"  {n:2}. {step}")
+                console.print(f"  {n:2}. {escape(str(step))}")
             for m in v["messages"]:
-                console.print(f"  [red]- {m}[/]")
+                console.print(f"  [red]- {escape(str(m))}[/]")
             del i
     if res["violations"]:
         raise SystemExit(int(ExitCode.CHECK_FAILED))

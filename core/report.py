@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["print_report", "run_with_progress", "summary"]
@@ -62,7 +63,7 @@ def run_with_progress(sc: Any, vendor: str | None, era: str | None, quiet: bool)
 
 def print_report(console: Console, rep: dict[str, Any]) -> None:
     console.rule(
-        f"[bold]{rep['scenario']}[/] — {rep['vendor']}, era {rep['era']}, "
+        f"[bold]{escape(rep['scenario'])}[/] — {rep['vendor']}, era {rep['era']}, "
         f"tdp={'on' if rep['tdp'] else 'off'}"
     )
     t = Table(title="Faults and exits", show_header=True)
@@ -84,14 +85,14 @@ def print_report(console: Console, rep: dict[str, Any]) -> None:
     mt.add_column("slot")
     mt.add_column("types seen (accesses)")
     for slot, types in rep["memtypes"].items():
-        mt.add_row(slot, ", ".join(f"{k}: {v}" for k, v in types.items()))
+        mt.add_row(slot, escape(", ".join(f"{k}: {v}" for k, v in types.items())))
     console.print(mt)
     for name, section in rep["plugins"].items():
         pt = Table(title=f"plugin {name}")
         pt.add_column("key")
         pt.add_column("value")
         for k, v in section.items():
-            pt.add_row(str(k), summary(v))
+            pt.add_row(escape(str(k)), escape(summary(v)))
         console.print(pt)
     inv = rep["invariants"]
     colour = "green" if not inv["violations"] else "red"
@@ -99,7 +100,7 @@ def print_report(console: Console, rep: dict[str, Any]) -> None:
         f"[{colour}]invariants: {inv['checked']} checks, {len(inv['violations'])} violations[/]"
     )
     for v in inv["violations"]:
-        console.print(f"  [red]- {v}[/]")
+        console.print(f"  [red]- {escape(str(v))}[/]")
 
 
 def summary(v: Any) -> str:

@@ -321,19 +321,37 @@ def scenario_json_schema() -> dict[str, Any]:
 
 
 def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
-    """Validate a scenario mapping; every problem names the field path."""
+    """Validate a scenario mapping; every problem names the field path.
+
+    An unknown field is reported with the closest allowed name and the full
+    list (:mod:`kvmmu.scenario_hints`); a VM config given where a scenario is
+    expected is told apart from a scenario with typos.
+    """
+    from kvmmu.scenario_hints import explain
+
+    if "name" not in data and "vm" not in data and set(data) & set(VMConfig.model_fields):
+        raise ConfigError(
+            [
+                (
+                    "",
+                    "this is a VM config, not a scenario: a scenario has `name`, the VM "
+                    "config under [vm], [[memslots]] and [[workload]] (docs/scenarios.md); "
+                    "`kvmmu config validate` checks a VM config",
+                )
+            ],
+            source,
+        )
     try:
         sc = Scenario.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(validation_problems(e), source) from None
+        raise ConfigError(explain(validation_problems(e), Scenario), source) from None
     for vendor in [None, *sc.vendor_overrides]:
         try:
             sc.vm_config(vendor=vendor)
         except ConfigError as e:
             where = "vm" if vendor is None else f"vendor_overrides.{vendor}"
-            raise ConfigError(
-                [(f"{where}.{loc}" if loc else where, m) for loc, m in e.problems], source
-            ) from None
+            problems = [(f"{where}.{loc}" if loc else where, m) for loc, m in e.problems]
+            raise ConfigError(explain(problems, Scenario), source) from None
     return sc
 
 
