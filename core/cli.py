@@ -115,7 +115,7 @@ def load_vm_config(path: Path) -> Any:
 # --------------------------------------------------------------------------
 
 
-@cli.command("plugins", epilog=EXIT_CODES_HELP)
+@cli.command("plugins", epilog=EXIT_CODES_HELP, short_help="List installed plugins.")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option(
     "--config",
@@ -176,7 +176,7 @@ def config_group() -> None:
     """Validate config files and print the config schema."""
 
 
-@config_group.command("validate")
+@config_group.command("validate", epilog=EXIT_CODES_HELP)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def config_validate(file: Path) -> None:
     """Validate FILE (a VM config or a scenario); list every problem."""
@@ -191,7 +191,7 @@ def config_validate(file: Path) -> None:
     click.echo(f"{file}: ok")
 
 
-@config_group.command("schema")
+@config_group.command("schema", epilog=EXIT_CODES_HELP)
 @click.option("--scenario", is_flag=True, help="the schema of a scenario file instead")
 def config_schema(scenario: bool) -> None:
     """Print the JSON schema of the config, every plugin section included."""
@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
 # --------------------------------------------------------------------------
 
 
-@cli.command("run", epilog=EXIT_CODES_HELP)
+@cli.command(
+    "run", epilog=EXIT_CODES_HELP, short_help="Run a scenario (default: the embedded one)."
+)
 @click.argument("scenario", required=False)
 @click.option("--vendor", help="run under this vendor instead of the scenario's")
 @click.option("--era", help="kernel version whose behaviour to model, e.g. 6.8")
@@ -280,7 +282,10 @@ def compare_cmd(
     as_json: bool,
     plot: Path | None,
 ) -> None:
-    """Run SCENARIO under each vendor (and era) and show what differs."""
+    """Run SCENARIO under each vendor (and era) and show what differs.
+
+    SCENARIO is a TOML file; without one, the embedded default scenario.
+    """
     from kvmmu.compare import compare_runs, plot_comparison
     from kvmmu.scenario import load_scenario
 

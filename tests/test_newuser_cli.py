@@ -154,3 +154,13 @@ def test_plugin_command_may_not_replace_a_builtin(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(PluginError, match=r"'evil' in hook kvmmu_cli_commands.*run"):
         group.list_commands(click.Context(group))
     assert group.commands["run"] is builtin_run
+
+
+def test_help_lists_every_command_uncut_and_subcommands_document_exit_codes() -> None:
+    out = CliRunner().invoke(cli, ["--help"]).output
+    commands = out.split("Commands:")[1].split("Exit codes:")[0]
+    assert "run " in commands and "..." not in commands
+    for sub in (["config", "validate"], ["config", "schema"], ["compare"]):
+        text = CliRunner().invoke(cli, [*sub, "--help"]).output
+        assert "3  config or scenario error" in text, sub
+    assert "embedded default" in CliRunner().invoke(cli, ["compare", "--help"]).output
