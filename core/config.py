@@ -112,6 +112,9 @@ def validation_problems(err: ValidationError, prefix: str = "") -> list[tuple[st
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] == "value_error":
+            # our validators' own words, without pydantic's "Value error, " prefix
+            msg = str(e.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
         out.append((loc, msg))
     return out
 

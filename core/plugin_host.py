@@ -139,7 +139,7 @@ def validate_plugin_sections(vendor: str, plugins: PluginsConfig) -> list[tuple[
     if not vendor:
         problems.append(("vendor", f"no vendor given; exactly one is required: {_kind(installed)}"))
     elif vinfo is None:
-        problems.append(("vendor", f"unknown plugin {vendor!r}; installed plugins: {names}"))
+        problems.append(("vendor", f"unknown vendor {vendor!r}; vendors: {_kind(installed)}"))
     elif vinfo.kind != "vendor":
         problems.append(("vendor", f"{vendor!r} is a consumer; vendors: {_kind(installed)}"))
     seen: set[str] = set()
@@ -149,7 +149,9 @@ def validate_plugin_sections(vendor: str, plugins: PluginsConfig) -> list[tuple[
         if name in seen:
             problems.append((loc, f"{name!r} is listed twice"))
         elif info is None:
-            problems.append((loc, f"unknown plugin {name!r}; installed plugins: {names}"))
+            problems.append(
+                (loc, f"unknown plugin {name!r}; consumers: {_kind(installed, 'consumer')}")
+            )
         elif info.kind == "vendor":
             problems.append(
                 (loc, f"{name!r} is a vendor: a VM has exactly one vendor, chosen by `vendor`")
@@ -177,8 +179,9 @@ def validate_plugin_sections(vendor: str, plugins: PluginsConfig) -> list[tuple[
     return problems
 
 
-def _kind(installed: dict[str, PluginInfo]) -> str:
-    return ", ".join(sorted(n for n, p in installed.items() if p.kind == "vendor"))
+def _kind(installed: dict[str, PluginInfo], kind: str = "vendor") -> str:
+    """The installed plugins of ``kind``, comma separated (what a config may name)."""
+    return ", ".join(sorted(n for n, p in installed.items() if p.kind == kind))
 
 
 @dataclass

@@ -93,3 +93,21 @@ def test_load_config_bad_toml_names_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         kvmmu.load_config(p)
     assert str(p) in str(ei.value)
+
+
+def test_unknown_vendor_lists_vendors_and_unknown_consumer_lists_consumers() -> None:
+    """A misspelt vendor is answered with the vendors one may name, a misspelt
+    consumer with the consumers: not every installed plugin of either kind."""
+    probs = dict(_problems({"vendor": "vmz", "plugins": {"enabled": ["kvmgtt"]}}))
+    vendor_msg = probs["vendor"]
+    assert "unknown vendor 'vmz'" in vendor_msg
+    assert "svm" in vendor_msg and "vmx" in vendor_msg and "kvmgt" not in vendor_msg
+    consumer_msg = probs["plugins.enabled.0"]
+    assert "unknown plugin 'kvmgtt'" in consumer_msg
+    assert "kvmgt" in consumer_msg and "iommu" in consumer_msg and "vmx" not in consumer_msg
+
+
+def test_validator_messages_have_no_pydantic_prefix() -> None:
+    """A validator's own message reaches the user as written."""
+    probs = dict(_problems({"vendor": "vmx", "era": "zz"}))
+    assert probs["era"].startswith("not a kernel version: 'zz'")
