@@ -354,6 +354,16 @@ class VgpuGtt(ABC):
             except KvmError:
                 self.split_2m(spt, index, ge, gt_)
                 return
+            if dma_addr & (SIZE_2M - 1):
+                # A 2M entry holds only address bits 45:21 (ADDR_2M_MASK), so
+                # set_pfn would point it at the 2 MiB-aligned page below the
+                # pinned run (spec/consumers.md §1.2, W10). gvt_pin_guest_page
+                # checks contiguity only; the kernel's 2M pins are THPs and
+                # aligned, but the model's contiguous host pages need not be.
+                # Treat an unaligned run as "no 2M possible" and split.
+                self.dma.unmap(dma_addr)
+                self.split_2m(spt, index, ge, gt_)
+                return
             self.set_shadow(spt, index, gtt.set_pfn(ge, gt_, dma_addr >> PAGE_SHIFT))
             return
         try:
