@@ -310,9 +310,11 @@ def compare_cmd(
         for label in result["runs"]:
             t.add_column(label)
         for row in result["differences"]:
-            t.add_row(
-                escape(row["metric"]), *[escape(str(row["values"][lb])) for lb in result["runs"]]
-            )
+            cells = [
+                "—" if lb in row["absent"] else escape(str(row["values"][lb]))
+                for lb in result["runs"]
+            ]
+            t.add_row(escape(row["metric"]), *cells)
         console.print(t)
         console.print(
             f"{len(result['differences'])} metrics differ, {result['equal_metrics']} equal"

@@ -66,8 +66,11 @@ def compare_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     differences = []
     for m in metrics:
         values = {lb: f.get(m) for lb, f in zip(labels, flat, strict=True)}
-        if len({repr(v) for v in values.values()}) > 1:
-            differences.append({"metric": m, "values": values})
+        absent = [lb for lb, f in zip(labels, flat, strict=True) if m not in f]
+        if absent or len({repr(v) for v in values.values()}) > 1:
+            # "absent": the run has no such metric (another vendor's report
+            # section), as opposed to a metric whose value is None.
+            differences.append({"metric": m, "values": values, "absent": absent})
     return {
         "scenario": reports[0]["scenario"] if reports else None,
         "runs": labels,

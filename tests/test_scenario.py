@@ -178,6 +178,12 @@ def test_compare_expect_equal_exit_1_on_difference() -> None:
     res = json.loads(out.stdout)
     metrics = {d["metric"] for d in res["differences"]}
     assert "spte_memtypes.slot1" in metrics
+    # a vendor's own report section is absent from the other vendor's run,
+    # which is not the same as a metric whose value is None
+    absent = {d["metric"]: d["absent"] for d in res["differences"]}
+    assert absent["plugins.vmx.spte_format"] == ["svm@6.16"]
+    assert absent["plugins.svm.spte_format"] == ["vmx@6.16"]
+    assert absent["spte_memtypes.slot1"] == []
 
 
 def test_compare_same_vendor_is_equal(tmp_path: Path) -> None:
