@@ -92,11 +92,15 @@ def mtrr_physmask(n: int) -> int:
 
 
 def is_mtrr_msr(index: int) -> bool:
-    """True for the MTRR MSRs KVM handles in ``kvm_mtrr_set_msr`` (PAT excluded)."""
+    """True for the MTRR MSRs KVM routes to ``kvm_mtrr_{get,set}_msr`` (PAT excluded).
+
+    ``IA32_MTRRCAP`` is one of them: it reads ``0x508`` and a write is #GP
+    (read-only; ``msr_mtrr_valid`` lacks it), spec/memtype.md §4 MSR table.
+    """
     return (
-        0x200 <= index < 0x200 + 2 * KVM_NR_VAR_MTRR
+        index in (MSR_MTRR_CAP, MSR_MTRR_DEF_TYPE)
+        or 0x200 <= index < 0x200 + 2 * KVM_NR_VAR_MTRR
         or index in FIXED_MTRR_MSRS
-        or index == MSR_MTRR_DEF_TYPE
     )
 
 
@@ -174,8 +178,8 @@ class MtrrState:
 
     def valid(self, index: int, value: int) -> bool:
         """``kvm_mtrr_valid``: would KVM accept ``value`` for MSR ``index``?"""
-        if not is_mtrr_msr(index) or value < 0 or value > _U64:
-            return False
+        if not is_mtrr_msr(index) or index == MSR_MTRR_CAP or value < 0 or value > _U64:
+            return False  # MTRRCAP is read-only (#GP on write)
         if index == MSR_MTRR_DEF_TYPE:
             return not value & ~_DEF_TYPE_VALID and valid_mtrr_type(value & 0xFF)
         if index in FIXED_MTRR_MSRS:
@@ -437,7 +441,7 @@ class MtrrState:
         zap happens at all (TDP, noncoherent DMA, era) is the caller's
         policy (spec/memtype.md §4 "Writes", §11.2).
         """
-        if not is_mtrr_msr(index):
+        if not is_mtrr_msr(index) or index == MSR_MTRR_CAP:
             return None
         if not self.enabled and index != MSR_MTRR_DEF_TYPE:
             return None
