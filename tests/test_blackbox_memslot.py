@@ -9,6 +9,7 @@ re-implement the rules independently and the model is compared against them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 from typing import Any
@@ -28,6 +29,7 @@ from kvmmu.mmu import PFERR_USER_MASK, PFERR_WRITE_MASK
 from kvmmu.mmu.fault import (
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
     RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_SPURIOUS,
@@ -559,3 +561,162 @@ def test_nx_huge_pages_exec_maps_4k_and_blocks_rehuge() -> None:
     vm2.set_user_memory_region(0, 0, 0, 16 << 20, HVA)
     vm2.mmu.page_fault(vm2.vcpus[0], MB2, FETCH)
     assert _level(vm2, MB2) == 2 and _spte(vm2, MB2) & vm2.spte_format.x_mask
+
+
+# =====================================================================
+# lookups, MMU-notifier ranges, zaps per address space
+# =====================================================================
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 2, 3, (1 << 16) | 0, (1 << 16) | 1]),
+        st.integers(0, 40),  # base, in 64-page units
+        st.sampled_from([0, 1, 3, 8]),  # size in 64-page units (0 = delete)
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(ops=_OPS, probes=st.lists(st.integers(0, 64 * 50), min_size=5, max_size=30))
+def test_gfn_to_memslot_matches_brute_force(
+    ops: list[tuple[int, int, int]], probes: list[int]
+) -> None:
+    """§1.1: slot lookup per address space, after CREATE/MOVE/DELETE sequences
+    (incl. a stale last-used cache)."""
+    ms = Memslots()
+    for slot, base, size in ops:
+        old = ms.id_to_memslot(slot >> 16, slot & 0xFFFF)
+        hva = HVA if old is None else old.userspace_addr
+        npages = size * 64 if old is None or size == 0 else old.npages
+        with contextlib.suppress(kvmmu.KvmError):
+            ms.set_memory_region(slot, 0, base * 64 << 12, npages << 12, hva)
+        for g in probes:
+            for a in (0, 1):
+                want = [s for s in ms.slots(a) if s.base_gfn <= g < s.base_gfn + s.npages]
+                assert len(want) <= 1
+                got = ms.gfn_to_memslot(g, a)
+                assert got is (want[0] if want else None), (g, a)
+
+
+def test_mmu_notifier_zaps_every_alias_in_every_address_space() -> None:
+    """kvm_handle_hva_range: every slot of every address space that maps the hva
+    range is unmapped (slots may alias the same hva)."""
+    vm = _vm(page_level=1)
+    vm.set_user_memory_region(0, 0, 0, 4 << 20, HVA)
+    vm.set_user_memory_region(1, 0, 16 << 20, 4 << 20, HVA)  # alias of slot 0
+    vm.set_user_memory_region((1 << 16) | 0, 0, 32 << 20, 4 << 20, HVA)
+    vcpu = vm.vcpus[0]
+    vm.mmu.page_fault(vcpu, 0x5000, READ)
+    vm.mmu.page_fault(vcpu, (16 << 20) + 0x5000, READ)
+    vm.mmu.page_fault(vcpu, 0x6000, READ)
+    vm.mmu.page_fault(vcpu, (32 << 20) + 0x5000, READ, as_id=1)
+    assert _level(vm, (32 << 20) + 0x5000, as_id=1) == 1
+    vm.invalidate_hva_range(HVA + 0x5000, HVA + 0x6000)
+    assert _level(vm, 0x5000) is None
+    assert _level(vm, (16 << 20) + 0x5000) is None
+    assert _level(vm, (32 << 20) + 0x5000, as_id=1) is None
+    assert _level(vm, 0x6000) == 1  # outside the range
+
+
+@pytest.mark.parametrize("zap_all", [True, False])
+def test_delete_in_one_address_space_leaves_the_other(zap_all: bool) -> None:
+    """§1.1: slots in different address spaces are unrelated; §1.4 DELETE zaps
+    the deleted slot's SPTEs - and, with KVM_X86_QUIRK_SLOT_ZAP_ALL (default on,
+    kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_all_fast), everything."""
+    vm = _vm(page_level=1, quirks={"slot_zap_all": zap_all})
+    vm.set_user_memory_region(0, 0, 0, 4 << 20, HVA)
+    vm.set_user_memory_region((1 << 16) | 0, 0, 0, 4 << 20, HVA + (8 << 20))
+    vcpu = vm.vcpus[0]
+    vm.mmu.page_fault(vcpu, 0x5000, READ)
+    vm.mmu.page_fault(vcpu, 0x5000, READ, as_id=1)
+    vm.set_user_memory_region((1 << 16) | 0, 0, 0, 0, 0)
+    assert _level(vm, 0x5000) == (None if zap_all else 1)
+    assert _level(vm, 0x5000, as_id=1) is None
+    assert vm.memslots.generation_of(0) == 2 and vm.memslots.generation_of(1) == 1 + 2 + 4
+
+
+def test_mmio_spte_goes_stale_when_a_slot_appears() -> None:
+    """§1.4 / §3.10: a new memslot bumps the generation, so an MMIO SPTE made for
+    the gfn before is not trusted: the next access maps the new memory."""
+    vm = _vm(page_level=1)
+    vcpu = vm.vcpus[0]
+    assert vm.mmu.page_fault(vcpu, 0x5000, READ) == RET_PF_EMULATE
+    vm.set_user_memory_region(0, 0, 0, 4 << 20, HVA)
+    r = vm.mmu.page_fault(vcpu, 0x5000, READ | PFERR_RSVD_MASK)
+    assert r in (RET_PF_FIXED, RET_PF_SPURIOUS) or r == 1  # RETRY then map
+    for _ in range(3):
+        if _level(vm, 0x5000) is not None and not vm.mmu.translate(0x5000)[0] & 1 << 51:
+            break
+        vm.mmu.page_fault(vcpu, 0x5000, READ)
+    t = vm.mmu.translate(0x5000)
+    assert t is not None and t[0] & vm.spte_format.mmu_present_mask
+
+
+def test_readonly_slot_logging_toggle_does_nothing_to_sptes() -> None:
+    """§7.1 step 2: for a READONLY slot nothing beyond the CPU dirty-logging
+    update happens (no split, no write-protect, no flush)."""
+    vm = _vm()
+    vm.set_user_memory_region(0, RO, 0, 8 << 20, HVA)
+    vm.mmu.page_fault(vm.vcpus[0], MB2, READ)
+    before = vm.mmu.translate(MB2)
+    assert before is not None and before[1] == 2
+
+    class Flushes:
+        def __init__(self) -> None:
+            self.n = 0
+
+        @kvmmu.hookimpl
+        def kvmmu_flush_remote_tlbs_range(self, gfn: int, nr_pages: int) -> None:
+            self.n += 1
+
+    rec = Flushes()
+    vm.register_plugin(rec, "rec")
+    vm.set_user_memory_region(0, RO | LOG, 0, 8 << 20, HVA)
+    assert vm.mmu.translate(MB2) == before and rec.n == 0
+    assert vm.memslots.nr_memslots_dirty_logging == 1
+    vm.set_user_memory_region(0, RO, 0, 8 << 20, HVA)
+    assert vm.mmu.translate(MB2) == before and rec.n == 0
+    assert vm.memslots.nr_memslots_dirty_logging == 0
+
+
+# =====================================================================
+# §6: KVM_PRE_FAULT_MEMORY
+# =====================================================================
+def test_prefault_progress_and_errors() -> None:
+    """§6: progress to the end of the mapping; partial progress is success;
+    ENOENT for no memslot (incl. a slot only in address space 1 and gfns past
+    max gfn); EINVAL for gpa+size wrapping to exactly 2^64."""
+    vm = _vm()
+    vm.set_user_memory_region(0, 0, 0, 8 << 20, HVA)
+    vm.set_user_memory_region((1 << 16) | 1, 0, 16 << 20, 4 << 20, HVA)
+    assert vm.pre_fault_memory(MB2 + 0x3000, 0x1000) == 0x1000
+    assert _level(vm, MB2) == 2
+    assert vm.pre_fault_memory(6 << 20, 12 << 20) == 2 << 20  # stops at the slot end
+    assert _err(vm.pre_fault_memory, 8 << 20, 0x1000).errno == errno.ENOENT
+    assert _err(vm.pre_fault_memory, 16 << 20, 0x1000).errno == errno.ENOENT
+    assert _err(vm.pre_fault_memory, 1 << 50, 0x1000).errno == errno.ENOENT
+    assert _err(vm.pre_fault_memory, U64 + 1 - 0x1000, 0x1000).errno == errno.EINVAL
+    assert _err(vm.pre_fault_memory, 0, 0).errno == errno.EINVAL
+    # huge mapping already there: SPURIOUS, still progress to its end
+    assert vm.pre_fault_memory(MB2 + 0x5000, 4 << 20) == 4 << 20
+
+
+def test_prefault_tracked_dirty_logged_and_readonly() -> None:
+    """§6 read-fault semantics: a tracked gfn gets a read-only 4K SPTE (§2.3);
+    a dirty-logged slot is mapped at 4K (§7.2), one page per step; a READONLY
+    slot maps read-only, huge where allowed."""
+    vm = _vm()
+    vm.set_user_memory_region(0, 0, 0, 8 << 20, HVA)
+    vm.set_user_memory_region(1, LOG, 16 << 20, 4 << 20, HVA + (16 << 20))
+    vm.set_user_memory_region(2, RO, 32 << 20, 4 << 20, HVA + (32 << 20))
+    vm.write_track_add_gfn(0x205)
+    assert vm.pre_fault_memory(0x205000, 0x1000) == 0x1000
+    t = vm.mmu.translate(0x205000)
+    assert t is not None and t[1] == 1 and not t[0] & S.PT_WRITABLE_MASK
+    assert vm.pre_fault_memory((16 << 20) + 0x3000, 4 << 20) == (4 << 20) - 0x3000
+    for off in (0x3000, 0x10000, MB2 + 0x7000):
+        assert _level(vm, (16 << 20) + off) == 1
+    assert vm.pre_fault_memory(32 << 20, 4 << 20) == 4 << 20
+    t = vm.mmu.translate((32 << 20) + 0x1000)
+    assert t is not None and t[1] == 2 and not t[0] & S.PT_WRITABLE_MASK
