@@ -933,3 +933,132 @@ def test_mtrr_write_while_disabled_zaps_only_for_def_type(era: str) -> None:
     g.vcpu.set_msr(0x200, BASE | WP)
     g.vcpu.set_msr(0x250, make_pat(*[WC] * 8))
     assert g.mapped(0x1000) and g.mapped(BASE)
+
+
+# ------------------------------------------- §5 + §7 as one property (oracle)
+
+_ERAS = ["3.13", "4.2", "4.19", "5.10", "6.1", "6.6", "6.7", "6.10"]
+_ERAS += ["6.11", "6.12", "6.15", "6.16"]
+
+
+def _ver(era: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in era.split("."))
+
+
+def spec_mt_mask(
+    era: str,
+    *,
+    mmio: bool,
+    noncoh: bool,
+    cd: bool,
+    quirk_cd: bool,
+    snoop: bool,
+    igp: bool,
+    mtrr: int,
+) -> tuple[int, bool]:
+    """spec/memtype.md §7 table, row by row: (EPT memtype, IPAT)."""
+    v = _ver(era)
+    if mmio:
+        return UC, False
+    if v < (4, 2):
+        return (mtrr, False) if noncoh else (WB, True)
+    if v < (6, 11):
+        if not noncoh:
+            return WB, True
+        if cd:
+            if not quirk_cd:
+                return UC, True
+            return (WB, True) if v < (6, 7) else (WB, False)
+        return mtrr, False
+    if v < (6, 12):
+        return (WB, True) if not noncoh and not snoop else (WB, False)
+    if v < (6, 16):
+        return (WB, False) if noncoh else (WB, True)
+    return (WB, True) if not noncoh and igp else (WB, False)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    era=st.sampled_from(_ERAS),
+    mmio=st.booleans(),
+    noncoh=st.booleans(),
+    cd=st.booleans(),
+    quirk_cd=st.booleans(),
+    snoop=st.booleans(),
+    igp=st.booleans(),
+    mtrr=st.sampled_from(MTRR_TYPES),
+    pat=st.lists(st.sampled_from(PAT_TYPES), min_size=8, max_size=8),
+    index=st.integers(0, 7),
+    huge=st.booleans(),
+)
+def test_vmx_memtype_oracle(
+    era: str,
+    mmio: bool,
+    noncoh: bool,
+    cd: bool,
+    quirk_cd: bool,
+    snoop: bool,
+    igp: bool,
+    mtrr: int,
+    pat: list[int],
+    index: int,
+    huge: bool,
+) -> None:
+    """§5 + §7: SPTE (memtype, IPAT) is the §7 cell; the access type is the EPT
+    memtype under IPAT, else Table 11-7(EPT memtype, guest PA[index])."""
+    v = _ver(era)
+    quirks: dict[str, bool] = {}
+    if not quirk_cd and (4, 2) <= v < (6, 16):
+        quirks["cd_nw_cleared"] = False
+    if v >= (6, 16) and snoop and not igp:
+        quirks["ignore_guest_pat"] = False
+    if v >= (6, 16):
+        quirk_cd = False  # inapplicable on VMX: starts disabled (§11.4)
+    igp = igp or not snoop
+    if v < (4, 2):
+        quirk_cd = True  # no quirk yet: CD not considered
+    g = G("vmx", era, snoop=snoop, noncoh=noncoh, quirks=quirks)
+    g.deftype(mtrr)
+    g.vcpu.set_msr(MSR_PAT, make_pat(*pat))
+    base = MMIO_GPA if mmio else BASE
+    bits = (PWT if index & 1 else 0) | (PCD if index & 2 else 0)
+    if huge and not mmio:
+        g.map2m(base, bits | (PAT2M if index & 4 else 0))
+    else:
+        g.map4k(base, bits | (PAT4K if index & 4 else 0))
+    g.set_cd(cd)
+    expected = spec_mt_mask(
+        era, mmio=mmio, noncoh=noncoh, cd=cd, quirk_cd=quirk_cd, snoop=snoop, igp=igp, mtrr=mtrr
+    )
+    r = g.read(base)
+    assert ept(r.spte) == expected
+    mt, ipat = expected
+    assert int(r.memtype) == (mt if ipat else spec_table_11_7(mt, pat[index]))
+
+
+@pytest.mark.parametrize("vendor", ["vmx", "svm"])
+def test_guest_paging_off_pat_type_is_wb(vendor: str) -> None:
+    """§5: with guest paging off the PAT type is WB, so the access type is the
+    host-side type: WB for RAM (SPTE WB, no IPAT), UC for the host BAR."""
+    g = _honour_pat_vm(vendor, paging=False)
+    g.vcpu.set_msr(MSR_PAT, make_pat(*[UC] * 8))
+    assert g.read(BASE).memtype == WB
+    assert g.read(MMIO_GPA).memtype == UC
+
+
+@pytest.mark.parametrize(
+    ("fixed", "fe", "level"),
+    [((WB,) * 8, True, 2), ((WB,) * 7 + (WT,), True, 1), ((WB,) * 7 + (WT,), False, 2)],
+)
+def test_huge_page_at_gpa_0_checks_fixed_ranges(
+    fixed: tuple[int, ...], fe: bool, level: int
+) -> None:
+    """§4/§8: consistency over [0, 2M) walks the fixed ranges (when FE = 1) and
+    then the default type for the uncovered rest."""
+    g = G("vmx", "6.8", noncoh=True)
+    for msr in FIXED:
+        g.vcpu.set_msr(msr, make_pat(*[WB] * 8))
+    g.vcpu.set_msr(0x26F, make_pat(*fixed))
+    g.deftype(WB, fe=fe)
+    g.map2m(0)
+    assert g.read(0x1000).level == level
