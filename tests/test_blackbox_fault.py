@@ -648,3 +648,56 @@ def test_write_track_on_1g_leaf_write_protects_it_then_write_emulates() -> None:
     # a not-present-level fault elsewhere now cannot map 1G (disallow_lpage)
     vm.mmu.page_fault(v, 0x4000_0000 + (5 << 21), W | P)
     assert _leaf(vm, 0x4000_0000 + (5 << 21))[1] == 2
+
+
+def test_untracked_gfn_write_fault_becomes_writable_via_slow_path() -> None:
+    """Write tracking removal does not unprotect (§2, kvm-mmu-2 §10); the next
+    write misses the fast path (not MMU-writable) and make_spte, finding no
+    tracking, sets W | MMU-writable | D."""
+    vm = _vm()
+    v = vm.vcpus[0]
+    vm.write_track_add_gfn(8)
+    assert vm.mmu.page_fault(v, 0x8000, R) == RET_PF_FIXED
+    ro, _ = _leaf(vm, 0x8000)
+    assert not ro & (EPT_W | EPT_MMU_W | EPT_D)
+    vm.write_track_remove_gfn(8)
+    assert _leaf(vm, 0x8000)[0] == ro
+    assert vm.mmu.page_fault(v, 0x8000, W | P) == RET_PF_FIXED
+    assert _leaf(vm, 0x8000)[0] == _ept_leaf(vm.gfn_to_pfn(8))
+
+
+def test_present_write_to_readonly_memslot_emulates_and_keeps_spte() -> None:
+    vm = _vm(flags=kvmmu.KVM_MEM_READONLY)
+    v = vm.vcpus[0]
+    assert vm.mmu.page_fault(v, 0x2000, R) == RET_PF_FIXED
+    ro, _ = _leaf(vm, 0x2000)
+    assert not ro & (EPT_W | EPT_MMU_W | EPT_HOST_W)
+    assert vm.mmu.page_fault(v, 0x2000, W | P) == RET_PF_EMULATE
+    assert _leaf(vm, 0x2000)[0] == ro
+    assert vm.stats["pf_mmio_spte_created"] == 0 and vm.stats["pf_emulate"] == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    vendor=st.sampled_from(["vmx", "svm"]),
+    ops=st.lists(
+        st.tuples(st.integers(0, 15), st.sampled_from(["r", "w", "x"])), min_size=1, max_size=12
+    ),
+)
+def test_any_fault_sequence_leaves_the_exact_full_access_leaf(
+    vendor: str, ops: list[tuple[int, str]]
+) -> None:
+    """TDP faults map ACC_ALL on writable host memory (§4.3): whatever the
+    access, the 4K leaf is the full make_spte pattern, and a repeat of a
+    fixed access is spurious."""
+    vm = _vm(vendor, size=1 << 20)
+    v = vm.vcpus[0]
+    make = _ept_leaf if vendor == "vmx" else _npt_leaf
+    done: set[int] = set()
+    for gfn, kind in ops:
+        code = {"r": R, "w": W, "x": X}[kind] | (P if gfn in done else 0)
+        r = vm.mmu.page_fault(v, gfn << 12, code)
+        assert r == (RET_PF_SPURIOUS if gfn in done else RET_PF_FIXED)
+        done.add(gfn)
+        assert _leaf(vm, gfn << 12) == (make(vm.gfn_to_pfn(gfn)), 1)
+    assert vm.stats["pf_fixed"] == len(done)
