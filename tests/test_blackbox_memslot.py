@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import kvmmu
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -720,3 +721,50 @@ def test_prefault_tracked_dirty_logged_and_readonly() -> None:
     assert vm.pre_fault_memory(32 << 20, 4 << 20) == 4 << 20
     t = vm.mmu.translate((32 << 20) + 0x1000)
     assert t is not None and t[1] == 2 and not t[0] & S.PT_WRITABLE_MASK
+
+
+def test_dirty_log_harvest_reprotects_only_its_address_space() -> None:
+    """§7.3: KVM_GET_DIRTY_LOG on an address-space-1 slot re-protects that slot's
+    SPTEs; the same gfn in address space 0 (another slot) keeps W."""
+    vm = _vm(page_level=1)
+    vm.set_user_memory_region(0, 0, 0, 4 << 20, HVA)
+    vm.set_user_memory_region((1 << 16) | 0, LOG, 0, 4 << 20, HVA + (8 << 20))
+    vcpu = vm.vcpus[0]
+    vm.mmu.page_fault(vcpu, 0x5000, WRITE)
+    vm.mmu.page_fault(vcpu, 0x5000, WRITE, as_id=1)
+    assert _err(vm.get_dirty_log, 0).errno == errno.ENOENT  # AS 0 slot 0 does not log
+    assert vm.get_dirty_log(0, as_id=1).tolist() == [5]
+    t1 = vm.mmu.translate(0x5000, 1)
+    assert t1 is not None and not t1[0] & S.PT_WRITABLE_MASK
+    assert _spte(vm, 0x5000) & S.PT_WRITABLE_MASK
+
+
+@pytest.mark.parametrize("zap_all", [True, False])
+def test_shadow_move_of_slot_holding_guest_tables_starts_fresh(zap_all: bool) -> None:
+    """§2.4 + §1.5: shadowed guest tables raise write-track and disallow counts
+    in their slot; a MOVE zaps them (counts undone on the old slot) and the new
+    slot starts with zero counts; invariants hold throughout."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_shadow import GUEST_SIZE, GuestTables, make_vm
+    from test_shadow import HVA as SHVA
+
+    vm = make_vm(quirks={"slot_zap_all": zap_all})
+    vm.host.mmap_anon(SHVA + GUEST_SIZE, GUEST_SIZE)
+    vm.set_user_memory_region(1, 0, GUEST_SIZE, GUEST_SIZE, SHVA + GUEST_SIZE)
+    gt = GuestTables(vm, base=GUEST_SIZE + 0x10000)  # the tables live in slot 1
+    for i in range(4):
+        gt.map(0x400000 + i * 0x1000, 0x200000 + i * 0x1000)
+    gt.map_tables()
+    gt.start()
+    vm.vcpus[0].access(0x400000, "read")
+    slot = vm.memslots.id_to_memslot(0, 1)
+    assert vm.page_track.count(gt.cr3 >> 12) == 1  # root table: write-tracked (§2.4)
+    assert slot.lpage_info[2][0] == 4  # 4 shadowed tables in the first 2M frame
+    vm.set_user_memory_region(1, 0, 64 << 20, GUEST_SIZE, SHVA + GUEST_SIZE)  # MOVE
+    moved = vm.memslots.id_to_memslot(0, 1)
+    assert moved.lpage_info[2].tolist() == [0] * (GUEST_SIZE >> 21)
+    assert int(np.asarray(moved.gfn_write_track).sum()) == 0
+    assert vm.check_invariants() == []
