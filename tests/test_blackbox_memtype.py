@@ -1062,3 +1062,84 @@ def test_huge_page_at_gpa_0_checks_fixed_ranges(
     g.deftype(WB, fe=fe)
     g.map2m(0)
     assert g.read(0x1000).level == level
+
+
+# ------------------------- kvm-mmu.md §4.6: the memtype is fixed at SPTE creation
+
+
+def test_huge_split_copies_memtype_bits() -> None:
+    """kvm-mmu.md §4.6: make_small_spte copies memtype/IPAT unchanged."""
+    g = G("vmx", "6.8", noncoh=True)
+    g.deftype(WT)
+    g.map2m(BASE)
+    r = g.read(BASE)
+    assert (r.level, ept(r.spte)) == (2, (WT, False))
+    g.vm.set_user_memory_region(0, kvmmu.KVM_MEM_LOG_DIRTY_PAGES, 0, RAM_SIZE, RAM_HVA)
+    leaf = g.vm.mmu.translate(BASE + 0x5000)
+    assert leaf is not None
+    spte, level = leaf
+    assert level == 1
+    assert ept(spte) == (WT, False)
+
+
+def test_cd_toggle_with_quirk_keeps_old_sptes() -> None:
+    """§7/§11.2 (6.7-6.10): guest CD with the quirk on is not a zap trigger, so
+    an existing SPTE keeps its guest-MTRR memtype; a new one is WB (no IPAT)."""
+    g = G("vmx", "6.8", noncoh=True)
+    g.deftype(WT)
+    g.map4k(BASE)
+    g.map4k(8 * MIB)
+    assert ept(g.read(BASE).spte) == (WT, False)
+    g.set_cd(True)
+    assert ept(g.read(BASE).spte) == (WT, False)
+    assert ept(g.read(8 * MIB).spte) == (WB, False)
+
+
+def test_noncoh_registration_before_6_7_does_not_rebuild() -> None:
+    """§11.1: before 6.7 no zap on registration; old SPTEs keep WB|IPAT."""
+    g = G("vmx", "6.6")
+    g.deftype(WT)
+    g.map4k(BASE)
+    g.map4k(8 * MIB)
+    assert ept(g.read(BASE).spte) == (WB, True)
+    g.vm.register_noncoherent_dma()
+    assert ept(g.read(BASE).spte) == (WB, True)
+    assert ept(g.read(8 * MIB).spte) == (WT, False)
+
+
+def test_6_16_disable_quirk_does_not_zap_old_sptes() -> None:
+    """§11.4: KVM_CAP_DISABLE_QUIRKS2 zaps nothing; new SPTEs see the new quirk set."""
+    g = G("vmx", "6.16")
+    g.map4k(BASE)
+    g.map4k(8 * MIB)
+    assert ept(g.read(BASE).spte) == (WB, True)
+    g.vm.disable_quirks(KVM_X86_QUIRK_IGNORE_GUEST_PAT)
+    assert ept(g.read(BASE).spte) == (WB, True)
+    assert ept(g.read(8 * MIB).spte) == (WB, False)
+
+
+def test_physbase_write_with_zero_mask_zaps_from_base_up() -> None:
+    """§4 var_mtrr_range: with PHYSMASK still 0 the extended mask is ~0 << MAXPHYADDR,
+    so update_mtrr zaps [base, base + 2^MAXPHYADDR): everything above the base."""
+    g = _zap_vm("vmx", "6.8", noncoh=True)
+    g.vcpu.set_msr(0x202, (6 * MIB) | WT)  # PHYSBASE1, PHYSMASK1 = 0
+    assert g.mapped(BASE) and g.mapped(0x1000)
+    assert not g.mapped(8 * MIB)
+
+
+@pytest.mark.parametrize("era", ["6.11", "6.12", "6.16"])
+def test_no_mtrr_zaps_from_6_11(era: str) -> None:
+    g = _zap_vm("vmx", era, noncoh=True)
+    g.deftype(UC, fe=True)
+    g.vcpu.set_msr(0x250, make_pat(*[WT] * 8))
+    assert all(g.mapped(a) for a in (0x1000, BASE, 8 * MIB))
+
+
+def test_svm_pat_msr_validation_and_reset() -> None:
+    """§1/§2: the same kvm_pat_valid check and reset value on SVM (gPAT)."""
+    g = G("svm", "6.8", paging=False)
+    assert g.vcpu.get_msr(MSR_PAT) == PAT_RESET
+    with pytest.raises(kvmmu.KvmError):
+        g.vcpu.set_msr(MSR_PAT, PAT_RESET | (2 << 24))  # PA3: UC -> 2
+    g.vcpu.set_msr(MSR_PAT, make_pat(WC, UCM, WP, WT, UC, WB, WC, UCM))
+    assert g.vcpu.get_msr(MSR_PAT) == make_pat(WC, UCM, WP, WT, UC, WB, WC, UCM)
