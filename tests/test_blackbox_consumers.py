@@ -734,3 +734,139 @@ def test_h2_vram_guest_wb_is_uc_with_guard_and_no_h2() -> None:
     )
     (r,) = rows
     assert r["effective"] == "UC" and "H2" not in r["hazards"]
+
+
+# ------------------------------------------------ more KVMGT: IPS gating, G/K errors
+@pytest.mark.parametrize(
+    ("gen", "gamw", "ips"),
+    [(8, True, False), (9, False, False), (9, True, True), (10, False, False), (12, False, True)],
+)
+def test_w9_ips_honoured_only_when_vgpu_ips_enabled(gen: int, gamw: bool, ips: bool) -> None:
+    """§1.2 'IPS enabled?': gen9/10 only with the GAMW vreg bit, gen11+ always, gen8 never."""
+    vm = kvm_vm(gen=gen, gamw_eco_64k_ips=gamw)
+    g = GuestPpgtt(vm, 1 << 20, 4 << 20)
+    g.map_64k(0, DATA)  # slot 0, PDE with IPS
+    v = vgpu(vm)
+    mm = v.g2v_notify(VGT_G2V_PPGTT_L4_PAGE_TABLE_CREATE, g.pdps)
+    assert mm is not None
+    spt = spt_at(v, g.table_of(0, 1))
+    assert spt.pde_ips is ips
+    se1 = v.gtt.get_shadow(spt, 1)[0]
+    if ips:  # split: slot 1 maps the second 4K page of the 64K page
+        assert pfn4k(se1) == hpfn(vm, DATA + 0x1000) and se1 & gtt.GTT_SPTE_FLAG_64K_SPLITED
+    else:  # a plain 4K PTE table: slot 1 is empty
+        assert not se1 & gtt.GEN8_PAGE_PRESENT
+        assert pfn4k(v.gtt.get_shadow(spt, 0)[0]) == hpfn(vm, DATA)
+    pd, idx = g.entry_addr(0, 2)
+    assert not v.gtt.get_shadow(spt_at(v, pd), idx)[0] & gtt.GEN8_PDE_IPS_64K  # W9
+
+
+def test_w1_one_byte_write_is_refused_and_logged() -> None:
+    vm = kvm_vm()
+    g, _mm, v = l4(vm, (0x1000, DATA))
+    table, idx = g.entry_addr(0x1000, 1)
+    spt = spt_at(v, table)
+    before = v.gtt.get_shadow(spt, idx)[0]
+    r = vm.vcpus[0].access(table + idx * 8 + 1, "write", 1, b"\x55")
+    assert r.emulated and r.fault is None  # the error never reaches KVM (G5)
+    assert v.gtt.get_shadow(spt, idx)[0] == before
+    assert spt.post_shadow == set() and v.errors
+
+
+def test_g3_enable_page_track_needs_attached_vgpu_esrch_and_record_enxio() -> None:
+    vm = kvm_vm()
+    v = vgpu(vm)
+    gfn = (DATA >> PAGE_SHIFT) + 7
+    with pytest.raises(KvmError) as e:
+        v.track.enable(gfn)
+    assert e.value.errno == errno.ENXIO
+    v.track.register(gfn, lambda *a: None, None)
+    with pytest.raises(KvmError) as e:
+        v.track.register(gfn, lambda *a: None, None)
+    assert e.value.errno == errno.EEXIST  # G2
+    assert vm.page_track.count(gfn) == 0  # G2: registering does not write-protect
+    v.close()
+    with pytest.raises(KvmError) as e:
+        v.track.enable(gfn)
+    assert e.value.errno == errno.ESRCH and vm.page_track.count(gfn) == 0
+    assert not v.track.find(gfn).tracked  # type: ignore[union-attr]
+
+
+def test_w9_k1_pde_to_table_outside_every_memslot_fails_no_spt_left() -> None:
+    vm = kvm_vm()
+    g, mm, v = l4(vm, (0x1000, DATA))
+    pd, idx = g.entry_addr(0x1000, 2)
+    pdspt = spt_at(v, pd)
+    before = v.gtt.get_shadow(pdspt, idx + 1)[0]
+    nspts = len(v.gtt.spts)
+    outside = RAM + (4 << 20)
+    g.write_entry(pd, idx + 1, outside | DEFAULT_PTR)
+    assert v.errors  # W11: logged, not raised into KVM
+    assert v.gtt.find_spt_by_gfn(outside >> PAGE_SHIFT) is None
+    assert len(v.gtt.spts) == nspts
+    assert v.gtt.get_shadow(pdspt, idx + 1)[0] == before
+    vm.write_guest(DATA, b"ok")
+    assert v.dma_read(mm, 0x1000, 2) == b"ok"  # the rest of the tree is intact
+
+
+# ------------------------------------------------------ GG3/GG4 state machine (property)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_GG_OPS = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # entry
+        st.sampled_from(["8", "lo", "hi"]),
+        st.integers(0, 3),  # target page (3: not present)
+        st.integers(0, 1),  # high-half flag bits (bit 52)
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_GG_OPS)
+def test_gg3_gg4_partial_write_state_machine_matches_the_spec(
+    ops: list[tuple[int, str, int, int]],
+) -> None:
+    vm = kvm_vm()
+    v = vgpu(vm)
+    base = v.ggtt.aperture.base + 0x20000
+    partial: dict[int, tuple[int, int]] = {}  # entry -> (offset in entry, saved u64)
+    virt = {i: 0 for i in range(3)}
+    # GG5: a fresh vGPU's host entries are scratch + present
+    host_present: dict[int, int | None] = {i: v.gvt.scratch_mfn for i in range(3)}
+    for i, width, page, hi in ops:
+        val = ((DATA + page * 0x1000) | 1 if page < 3 else 0) | (hi << 52)
+        gma = base + i * 0x1000
+        if width == "8":
+            ggw(vm, gma, val)
+            full = val
+        else:
+            off = 0 if width == "lo" else 4
+            ggw(vm, gma, val, 4, off)
+            half = val & (0xFFFFFFFF << (off * 8))
+            rec = partial.get(i)
+            if rec is None:
+                partial[i] = (off, half)
+                virt[i], host_present[i] = half, None
+                continue
+            if rec[0] == off:
+                partial[i] = (off, half)
+                virt[i] = half
+                continue
+            full = half | rec[1]
+            del partial[i]
+        virt[i] = full
+        present = full & 1
+        gpa = full & gtt.ADDR_4K_MASK
+        host_present[i] = hpfn(vm, gpa) if present and gpa < RAM else None
+    for i in range(3):
+        gma = base + i * 0x1000
+        assert int(v.ggtt.virtual_ggtt[gma >> 12]) == virt[i]
+        assert ggr(vm, gma) == virt[i].to_bytes(8, "little")
+        h = v.ggtt.host_translate(gma)
+        want = host_present[i]
+        assert (h >> 12 if h is not None else None) == want
+    assert vm.check_invariants() == []

@@ -61,6 +61,14 @@ class Ggtt:
         self.virtual_ggtt = np.zeros(len(host_ggtt), dtype=np.uint64)
         #: ``partial_pte_list``: entry index -> (byte offset written, saved u64)
         self.partial: dict[int, tuple[int, int]] = {}
+        #: indices whose host entry a first-half write set to scratch (GG3).
+        #: An 8-byte write does not touch ``partial_pte_list`` in the kernel,
+        #: so a record can outlive its half-written state; these sets say
+        #: which state the host entry is in (model bookkeeping for invariants).
+        self.half_written: set[int] = set()
+        #: indices whose virtual entry a same-half write changed after a full
+        #: update left a stale record: the host entry keeps the full value.
+        self.virtual_only: set[int] = set()
         self.written: set[int] = set()
         self.flushes = 0
 
@@ -109,11 +117,21 @@ class Ggtt:
                 # the same half again: update the saved data and the virtual entry only
                 self.partial[index] = (off, e)
                 self.virtual_ggtt[index] = np.uint64(e)
+                if index not in self.half_written:
+                    self.virtual_only.add(index)
                 return
             else:
                 self.partial[index] = (off, e)
                 partial_update = True
         self.written.add(index)
+        # an 8-byte write leaves any partial record in place, as
+        # emulate_ggtt_mmio_write does (only ``bytes < gtt_entry_size`` looks
+        # at the list): a later other-half write still merges with it
+        if partial_update:
+            self.half_written.add(index)
+        else:
+            self.half_written.discard(index)
+            self.virtual_only.discard(index)
         if not partial_update and gtt.test_present(e, T):
             gfn = gtt.get_pfn(e, T)
             if not self.gfn_is_valid(gfn):
@@ -153,6 +171,8 @@ class Ggtt:
     def destroy(self) -> None:
         """``intel_vgpu_destroy_ggtt_mm``: drop partial records."""
         self.partial.clear()
+        self.half_written.clear()
+        self.virtual_only.clear()
 
     def host_translate(self, gma: int) -> int | None:
         """The GPU's GGTT lookup: host address for ``gma``, or None if not present."""

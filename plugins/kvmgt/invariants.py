@@ -209,9 +209,13 @@ def _check_ggtt(vgpu: Vgpu, out: list[str]) -> None:
         v = int(gg.virtual_ggtt[index])
         h = int(gg.host_ggtt[index])
         where = f"kvmgt: vGPU {vgpu.id} GGTT index {index:#x}"
-        if index in gg.partial:
+        if index in gg.half_written:
             if h & gtt.GEN8_PAGE_PRESENT or gtt.get_pfn(h, T.GGTT_PTE) != gg.scratch_mfn:
                 out.append(f"{where}: half-written entry is not scratch + not present (GG3)")
+            continue
+        if index in gg.virtual_only:
+            # a same-half write after an 8-byte one: the kernel updates the
+            # virtual entry only (GG3), the host keeps the full update
             continue
         if not v & gtt.GEN8_PAGE_PRESENT:
             if h & gtt.GEN8_PAGE_PRESENT:
