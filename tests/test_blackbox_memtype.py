@@ -789,6 +789,9 @@ def test_cr0_nw_only_change_does_not_zap() -> None:
         ("svm", "6.16", True, {}, False),
         # 6.16: the quirk check alone; shadow paging cannot disable it (!tdp_enabled).
         ("vmx", "6.16", False, {}, True),
+        # SVM: inapplicable with NPT, but enabled (unsupported) with shadow paging.
+        ("svm", "6.8", False, {}, False),
+        ("svm", "6.16", False, {}, True),
     ],
 )
 def test_noncoherent_transitions_zap(
