@@ -870,3 +870,23 @@ def test_gg3_gg4_partial_write_state_machine_matches_the_spec(
         want = host_present[i]
         assert (h >> 12 if h is not None else None) == want
     assert vm.check_invariants() == []
+
+
+def test_l6_l5_destroy_after_memslot_delete_makes_no_kvm_call() -> None:
+    vm = kvm_vm()
+    vm.host.mmap_anon(0x2000_0000, 4 << 20)
+    vm.set_user_memory_region(1, 0, 64 << 20, 4 << 20, 0x2000_0000)
+    g = GuestPpgtt(vm, 64 << 20, 68 << 20)
+    g.map_4k(0x1000, DATA)
+    v = vgpu(vm)
+    mm = v.g2v_notify(VGT_G2V_PPGTT_L4_PAGE_TABLE_CREATE, g.pdps)
+    assert mm is not None
+    gfns = {s.gfn for s in v.gtt.spts.values() if s.gfn}
+    vm.set_user_memory_region(1, 0, 64 << 20, 0, 0x2000_0000)  # DELETE (K9)
+    vm.set_user_memory_region(1, 0, 64 << 20, 4 << 20, 0x2000_0000)  # re-created
+    removes = v.ptable.kvm_removes
+    v.put_ppgtt_mm(g.pdps)  # last ref: invalidate (L5) -> unregister page tracks
+    assert v.ptable.kvm_removes == removes  # not in the protect table: KVM skipped (L6)
+    assert v.gtt.spts == {} and all(v.track.find(x) is None for x in gfns)
+    assert all(vm.page_track.count(x) == 0 for x in gfns)
+    assert v.dma.kref(DATA >> PAGE_SHIFT) == 0
