@@ -296,20 +296,25 @@ class MtrrState:
 
     # ------------------------------------------------------ memory types
 
-    def guest_memory_type(self, gfn: int, era: str | KernelVersion) -> MemType:
+    def guest_memory_type(
+        self, gfn: int, era: str | KernelVersion, *, kvm_visit_order: bool = False
+    ) -> MemType:
         """The guest-MTRR type KVM put in EPT SPTEs for ``gfn``, by era.
 
         spec/memtype.md §6. ≤ 4.1 (``get_mtrr_type`` + ``kvm_get_guest_memory_type``):
         any other mismatch -> UC, MTRRs disabled -> WB. 4.2–6.10
-        (``kvm_mtrr_get_guest_memory_type``): UC wins, WT+WB -> WT, any
-        other mismatch -> WB ("undefined behavior"); disabled -> the default
-        type field in 4.2, ``mtrr_disabled_type`` (UC, or WB without
-        CPUID.MTRR) from 4.3. ≥ 6.11 the function is gone and KVM treats all
-        guest memory as WB (Documentation/virt/kvm/x86/errata.rst).
+        (``kvm_mtrr_get_guest_memory_type``): UC in any overlapping range
+        wins (§4 rule 5, §6 "in every era"), WT+WB -> WT, any other mismatch
+        -> WB ("undefined behavior"); disabled -> the default type field in
+        4.2, ``mtrr_disabled_type`` (UC, or WB without CPUID.MTRR) from 4.3.
+        ≥ 6.11 the function is gone and KVM treats all guest memory as WB
+        (Documentation/virt/kvm/x86/errata.rst).
 
-        As in the kernel, 4.2–6.10 test only the range being visited for UC:
-        a UC range met before a differing non-UC range (KVM visits ranges by
-        descending base) ends in the "undefined" branch and gives WB.
+        ``kvm_visit_order`` follows the 4.2–6.10 loop of arch/x86/kvm/mtrr.c
+        literally instead: it tests only the range being visited for UC, so a
+        UC range met before a differing non-UC range (KVM visits ranges by
+        descending base) ends in the "undefined" branch and gives WB. The
+        spec's rule is the default (docs/decisions.md, "Memory types").
         """
         v = KernelVersion(era)
         if v >= (6, 11):
@@ -318,6 +323,8 @@ class MtrrState:
             return self._old_guest_memory_type(gfn)
         start = gfn << 12
         it = self.lookup(start, start + 0x1000)
+        if not kvm_visit_order and len(set(it.types)) > 1 and MemType.UC in it.types:
+            return MemType.UC
         result = -1
         for t in it.types:
             if result == -1 or result == t:

@@ -372,6 +372,11 @@ BASE = 4 * MIB
         ((WT, WB), WT),
         ((WB, WT), WT),
         ((WB, WT, WB), WT),
+        # UC on the innermost range, which has the highest base: KVM's loop
+        # visits it first (descending base) and would end in "undefined" -> WB
+        # (opt-in kvm_visit_order); the spec says UC wins in every era.
+        ((WB, WB, UC), UC),
+        ((WT, WT, UC), UC),
         ((WC, WB), WB),
         ((WP, WT), WB),
         ((WC, WP), WB),
@@ -392,6 +397,29 @@ def test_mtrr_overlap_precedence(era: str, types: tuple[int, ...], expected: int
         g.var(n, bases[n], sizes[n], t)
     g.map4k(gpa)
     assert ept(g.read(gpa).spte) == (expected, False)
+
+
+def test_mtrr_uc_visited_first_gives_wb_only_with_kvm_visit_order() -> None:
+    """[plugins.vmx] mtrr_kvm_visit_order: the literal 4.2-6.10 loop of
+    kvm_mtrr_get_guest_memory_type (arch/x86/kvm/mtrr.c) checks only the range
+    being visited for UC, so an inner UC range met before the enclosing WB
+    range falls to the "undefined" branch and gives WB."""
+    g = _mtrr_vm("6.8")
+    vm = kvmmu.VM(
+        kvmmu.VMConfig(vendor="vmx", era="6.8", plugins={"vmx": {"mtrr_kvm_visit_order": True}})
+    )
+    g.vm = vm
+    vm.host.mmap_anon(RAM_HVA, RAM_SIZE, page_level=2)
+    vm.set_user_memory_region(0, 0, 0, RAM_SIZE, RAM_HVA)
+    g.vcpu = vm.vcpus[0]
+    g.pt = GuestPageTables(vm, PT_GPA, PT_SIZE)
+    vm.register_noncoherent_dma()
+    g.vcpu.set_sregs(**g.pt.long_mode_sregs())
+    g.deftype(WB)
+    g.var(0, BASE, 2 * MIB, WB)
+    g.var(1, BASE + 0x1_0000, 0x1_0000, UC)
+    g.map4k(BASE + 0x1_0000)
+    assert ept(g.read(BASE + 0x1_0000).spte) == (WB, False)
 
 
 @pytest.mark.parametrize(

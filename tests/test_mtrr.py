@@ -167,22 +167,37 @@ def test_rule5_uc_overlap_wins_when_kvm_meets_uc_last(era: str) -> None:
     assert m.guest_memory_type(GIB >> 12, era) is UC
 
 
-def test_rule5_kvm_4_2_to_6_10_uc_met_first_then_wb_gives_wb() -> None:
+def test_rule5_uc_inside_wb_is_uc_every_era_by_default() -> None:
+    """spec/memtype.md §4 rule 5 and §6: "In every era, UC in any overlapping
+    range wins" - the model's default."""
+    m = mtrrs(WB)
+    add_var(m, 0, 0, 4 * GIB, WB)
+    add_var(m, 1, GIB, GIB, UC)
+    assert m.mtrr_type(GIB) is UC
+    for era in ("4.1", "4.2", "5.10", "6.10"):
+        assert m.guest_memory_type(GIB >> 12, era) is UC
+
+
+def test_rule5_kvm_visit_order_uc_met_first_then_wb_gives_wb() -> None:
     """``kvm_mtrr_get_guest_memory_type`` checks only the *current* type for UC.
 
     KVM keeps enabled ranges ordered by descending base (``set_var_mtrr_msr``),
     so an inner UC range (higher base) is met before the enclosing WB range;
     the pair then falls to the "undefined" branch and returns WB. The SDM
-    (and the pre-4.2 ``get_mtrr_type``, which checks both) give UC.
-    spec/memtype.md §6 says "UC wins in every era"; the kernel code disagrees.
+    (and the pre-4.2 ``get_mtrr_type``, which checks both) give UC. Opt-in:
+    ``kvm_visit_order`` (``[plugins.vmx] mtrr_kvm_visit_order``).
     """
     m = mtrrs(WB)
     add_var(m, 0, 0, 4 * GIB, WB)
     add_var(m, 1, GIB, GIB, UC)
-    assert m.mtrr_type(GIB) is UC
-    assert m.guest_memory_type(GIB >> 12, "4.1") is UC
-    assert m.guest_memory_type(GIB >> 12, "4.2") is WB
-    assert m.guest_memory_type(GIB >> 12, "6.10") is WB
+    assert m.guest_memory_type(GIB >> 12, "4.1", kvm_visit_order=True) is UC
+    assert m.guest_memory_type(GIB >> 12, "4.2", kvm_visit_order=True) is WB
+    assert m.guest_memory_type(GIB >> 12, "6.10", kvm_visit_order=True) is WB
+    # visited the other way round (UC has the lower base) KVM does give UC
+    m2 = mtrrs(WB)
+    add_var(m2, 0, GIB, GIB, WB)
+    add_var(m2, 1, 0, 4 * GIB, UC)
+    assert m2.guest_memory_type(GIB >> 12, "6.10", kvm_visit_order=True) is UC
 
 
 @pytest.mark.parametrize("era", ["3.13", "4.2", "6.10"])

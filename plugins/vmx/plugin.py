@@ -65,6 +65,11 @@ class VmxConfig(BaseModel):
     #: bit 11 reserved in shadow-present SPTEs, and the MMIO generation split
     #: 3-11 / 52-58 / 60-62. Needed to share the EPT with VT-d.
     mmu_present_high: bool = False
+    #: Overlapping guest variable MTRRs in 4.2–6.10: follow
+    #: ``kvm_mtrr_get_guest_memory_type``'s loop literally, where a UC range
+    #: visited before a differing non-UC one gives WB, instead of the spec's
+    #: "UC in any overlapping range wins" (spec/memtype.md §4 rule 5, §6).
+    mtrr_kvm_visit_order: bool = False
 
 
 def ept_spte_format(vm: MemtypeVM, config: VmxConfig) -> SpteFormat:
@@ -176,7 +181,9 @@ class VmxPlugin:
             cd_nw_cleared=vm.has_quirk(KVM_X86_QUIRK_CD_NW_CLEARED),
             ignore_guest_pat=vm.has_quirk(KVM_X86_QUIRK_IGNORE_GUEST_PAT),
             self_snoop=vm.config.host_self_snoop,
-            guest_mtrr_type=lambda: v.mtrr.guest_memory_type(gfn, vm.era),
+            guest_mtrr_type=lambda: v.mtrr.guest_memory_type(
+                gfn, vm.era, kvm_visit_order=self.config.mtrr_kvm_visit_order
+            ),
         )
 
     @hookimpl
