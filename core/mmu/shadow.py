@@ -244,7 +244,13 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         """
         user = vcpu.cpl == 3
         base = (PFERR_WRITE_MASK if write else 0) | (PFERR_USER_MASK if user else 0)
-        if fetch and (vcpu.efer & paging.EFER_NXE or vcpu.cr4 & paging.CR4_SMEP):
+        # The hardware runs the shadow tables with EFER.NX=1 whatever the
+        # guest's EFER ("Shadow paging assumes NX to be available":
+        # vmx.c update_transition_efer, svm.c svm_set_efer) and in PAE/long
+        # format, so a fetch always reports PFERR_FETCH; the guest walk then
+        # checks it as a fetch (no SMAP) and builds the guest's error code
+        # with the guest's NXE/SMEP (spec/kvm-mmu.md §3.7).
+        if fetch:
             base |= PFERR_FETCH_MASK
         data = self._data
         nx_mask = self.fmt.nx_mask
@@ -697,7 +703,10 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
                 )
             allowed = sp.role.access & gpte_access(gpte, nx_on)
             wp_ok = allowed & S.ACC_WRITE_MASK and gpte & paging.PTE_D
-            if spte & _W and not wp_ok and (sp.role.cr0_wp or allowed & S.ACC_USER_MASK):
+            # CR0.WP=0 trick (spec/kvm-mmu.md §3.7 step 7): a supervisor write
+            # to a read-only gPTE maps it W and not U; the SPTE's own U bit
+            # (not the guest's) tells whether the trick applies.
+            if spte & _W and not wp_ok and (sp.role.cr0_wp or spte & self.fmt.user_mask):
                 out.append(f"shadow: {where} is writable but the guest entry is not")
             if spte & self.fmt.user_mask and not allowed & S.ACC_USER_MASK:
                 out.append(f"shadow: {where} is user-accessible but the guest entry is not")
