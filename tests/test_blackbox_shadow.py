@@ -13,6 +13,7 @@ import random
 import kvmmu
 import pytest
 from kvmmu import paging as P
+from kvmmu.spte import PT_WRITABLE_MASK
 from test_shadow import TABLE_WINDOW, URW, GuestTables, guest_write_entry, make_vm
 from test_shadow_pae import LegacyTables
 
@@ -599,3 +600,225 @@ def test_permission_matrix_against_the_sdm() -> None:
                     )
     assert bad == []
     assert vm.check_invariants() == []
+
+
+# ------------------------------------------------------------ PAE PDPTEs
+@pytest.mark.parametrize("rsvd", [P.PTE_RW, 1 << 5, 1 << 8, 1 << 50])
+def test_reserved_pdpte_fails_the_load_and_keeps_the_cached_pdptes(rsvd: int) -> None:
+    """x86.c ``load_pdptrs``: a present PDPTE with a reserved bit (MAXPHYADDR..63,
+    5..8, 1..2) fails the load and leaves ``mmu->pdptrs`` unchanged (MOV CR3
+    #GPs; KVM_SET_SREGS ignores the result): the walker keeps the old copies,
+    so nothing faults with RSVD and no new PDPTE (even a valid one) is used."""
+    vm = make_vm()
+    gt = LegacyTables(vm, "pae")
+    gt.map(0x400000, 0x200000)
+    gt.map(0xC0000000, 0x201000)
+    gt.map_tables()
+    gt.start()
+    v = vm.vcpus[0]
+    assert v.access(0x400000, "read").gpa == 0x200000
+    assert v.access(0xC0000000, "read").gpa == 0x201000
+    new_pd = gt.alloc()
+    new_pt = gt.alloc()
+    vm.write_guest(new_pd + 2 * 8, (new_pt | URW).to_bytes(8, "little"))
+    vm.write_guest(new_pt, (0x205000 | URW).to_bytes(8, "little"))
+    old3 = gt.read(gt.cr3 + 24)
+    gt.write(gt.cr3, new_pd | P.PTE_P)  # valid, but in a failing load
+    gt.write(gt.cr3 + 24, old3 | rsvd)
+    v.set_sregs(cr3=gt.cr3)
+    assert vm.mmu.vstate(v).pdptrs[3] == old3
+    r = v.access(0x400000, "read")
+    assert r.fault is None and r.gpa == 0x200000
+    r = v.access(0xC0000000, "read")
+    assert r.fault is None and r.gpa == 0x201000
+    gt.write(gt.cr3 + 24, old3)  # fixed: the next load takes both
+    v.set_sregs(cr3=gt.cr3)
+    assert v.access(0x400000, "read").gpa == 0x205000
+    assert vm.check_invariants() == []
+
+
+# ------------------------------------------------------------------ §3.9
+def test_prefetch_stops_at_a_gpte_with_reserved_bits() -> None:
+    """§3.9 ``prefetch_invalid_gpte``: a reserved bit refuses the gPTE and the
+    scan stops there."""
+    vm, gt = long_env()
+    for i in range(8):
+        vm.read_guest(0x200000 + i * 0x1000, 1)
+    gt.write(gt.entry(0x404000, 1), 0x204000 | URW | A | (1 << 50))
+    v = vm.vcpus[0]
+    v.access(0x402000, "read")
+    assert vm.stats["mmu_prefetched"] == 3  # 0, 1, 3; stops at 4
+    r = v.access(0x405000, "read")
+    assert r.exits == 1
+    f = v.access(0x404000, "read").fault
+    assert f is not None and f.error_code == P.PFERR_RSVD | P.PFERR_PRESENT
+
+
+def test_prefetch_uses_the_gptes_reread_after_write_protection() -> None:
+    """§3.8/§3.9: ``gpte_changed`` at 4K re-reads the 8-entry block once the
+    table is write-protected and the prefetch uses those values: a neighbour
+    changed after the walk is prefetched with its new value."""
+    from kvmmu.mmu.fault import RET_PF_FIXED
+    from kvmmu.mmu.shadow import drive
+
+    vm, gt = long_env()
+    for i in range(8):
+        vm.read_guest(0x200000 + i * 0x1000, 1)
+    vm.read_guest(0x20F000, 1)
+    v = vm.vcpus[0]
+    vm.mmu.reload(v)
+    nb = gt.entry(0x405000, 1)
+
+    def racer(step: object) -> None:
+        if getattr(step, "name", "") == "walk":
+            gt.write(nb, 0x20F000 | URW | A)
+
+    assert drive(vm.mmu.page_fault_steps(v, 0x402000, 0), racer) == RET_PF_FIXED
+    r = v.access(0x405000, "read")
+    assert r.exits == 0 and r.gpa == 0x20F000
+    assert vm.check_invariants() == []
+
+
+def test_race_pte_retargeted_between_walk_and_fetch_retries() -> None:
+    """§3.8 (2010 fix): the leaf gPTE retargeted after the walk -> RETRY; the
+    access then maps the new target, never the walked one."""
+    from kvmmu.mmu.fault import RET_PF_RETRY
+    from kvmmu.mmu.shadow import drive
+
+    vm, gt = long_env()
+    v = vm.vcpus[0]
+    vm.mmu.reload(v)
+    pte = gt.entry(0x403000, 1)
+
+    def racer(step: object) -> None:
+        if getattr(step, "name", "") == "walk":
+            gt.write(pte, 0x20E000 | URW | A)
+
+    assert drive(vm.mmu.page_fault_steps(v, 0x403000, 0), racer) == RET_PF_RETRY
+    assert v.access(0x403000, "read").gpa == 0x20E000
+    assert vm.check_invariants() == []
+
+
+# ------------------------------------------------------- §2.3 step 4 / flood
+def test_tracked_write_fault_clears_flooding_counts_on_its_path() -> None:
+    """§2.3 (4): shadow ``FNAME(page_fault)``'s page-track fast path clears the
+    write-flooding counts along the walk (``shadow_page_table_clear_flood``)."""
+    vm, _gt, pde, pd_sp = pd_env()
+    v = vm.vcpus[0]
+    v.access(0x401000, "read")
+    vm.page_track.add_gfn(0x201)
+    guest_write_entry(v, pde + 8 * 200, 0)
+    guest_write_entry(v, pde + 8 * 200, 0)
+    assert pd_sp.write_flooding_count == 2  # type: ignore[attr-defined]
+    assert v.access(0x401000, "write", 1, b"t").emulated
+    assert pd_sp.write_flooding_count == 0  # type: ignore[attr-defined]
+    guest_write_entry(v, pde + 8 * 200, 0)
+    assert not pd_sp.invalid  # type: ignore[attr-defined]
+
+
+def test_emulated_pml4e_write_zaps_and_rebuilds() -> None:
+    """§3.13 on the root: a PML4E store is emulated (the root is tracked),
+    its SPTE is zapped and the next access follows the new PDPT."""
+    vm, gt = long_env()
+    v = vm.vcpus[0]
+    assert v.access(0x400000, "read").gpa == 0x200000
+    other = GuestTables(vm, base=0x80000)
+    other.map(0x400000, 0x20C000, URW | A)
+    pdpt = other.read(other.cr3) & ~0xFFF
+    w = guest_write_entry(v, gt.cr3, pdpt | URW | A)
+    assert w.emulated
+    assert v.access(0x400000, "read").gpa == 0x20C000
+    assert vm.check_invariants() == []
+
+
+# ---------------------------------------------------------------- §3.15 sync
+def test_invlpg_of_a_sync_mapping_keeps_the_spte() -> None:
+    """§3.15: INVLPG syncs unsync leaves only; a sync SPTE is left alone."""
+    vm, _gt = long_env()
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    vm.mmu.invlpg(v, 0x400000)
+    assert v.access(0x400000, "read").exits == 0
+
+
+def test_sync_drops_spte_whose_gfn_changed_and_updates_access_in_place() -> None:
+    """§3.15 ``sync_spte``: a new gfn drops the SPTE (the next access faults);
+    same gfn, new access -> the SPTE is rewritten in place (no exit)."""
+    vm, gt = long_env()
+    v = vm.vcpus[0]
+    for gva in (0x400000, 0x401000):
+        assert v.access(gva, "write", 1, b"a").fault is None
+    p0, p1 = gt.entry(0x400000, 1), gt.entry(0x401000, 1)
+    guest_write_entry(v, p0, 0x20A000 | URW | A | D)
+    guest_write_entry(v, p1, 0x201000 | P.PTE_P | P.PTE_US | A | D)
+    v.set_sregs(cr3=gt.cr3)
+    r0 = v.access(0x400000, "read")
+    assert r0.exits == 1 and r0.gpa == 0x20A000
+    r1 = v.access(0x401000, "read")
+    assert r1.exits == 0 and r1.gpa == 0x201000
+    assert r1.spte is not None and not r1.spte & PT_WRITABLE_MASK
+    f = v.access(0x401000, "write", 1, b"b").fault
+    assert f is not None and f.error_code == P.PFERR_PRESENT | P.PFERR_WRITE
+    assert vm.check_invariants() == []
+
+
+def test_parentless_unsync_pt_relinked_is_synced_first() -> None:
+    """An unsync PT whose PDE the guest repoints (emulated: the shadow PDE is
+    zapped) keeps its stale entries; when the PDE points back, the lookup
+    finds the unsync sp and syncs it (``kvm_sync_page``) before linking, so
+    gPTEs written while it was unlinked are seen."""
+    vm, gt = long_env()
+    v = vm.vcpus[0]
+    assert v.access(0x403000, "read").gpa == 0x203000
+    pde = gt.entry(0x400000, 2)
+    pt = gt.read(pde) & ~0xFFF
+    guest_write_entry(v, pt + 8 * 3, 0x203000 | URW | A)  # unsync
+    spare = gt.alloc()
+    assert guest_write_entry(v, pde, spare | URW | A).emulated
+    guest_write_entry(v, pt + 8 * 3, 0x20B000 | URW | A)  # unseen by KVM
+    assert guest_write_entry(v, pde, pt | URW | A).emulated
+    assert v.access(0x403000, "read").gpa == 0x20B000
+    assert vm.check_invariants() == []
+
+
+def test_32bit_unsync_pt_invlpg_in_quadrant_1() -> None:
+    """32-bit guest: INVLPG syncs entry 600 of the guest PT through the
+    quadrant-1 sp (gPTE at ``gfn*4096 + (512 + 88)*4``); the quadrant-0 sp's
+    entry 88 (another gva) keeps its translation."""
+    vm = make_vm()
+    gt = LegacyTables(vm, "32")
+    g_lo, g_hi = 0x400000 + 88 * 0x1000, 0x400000 + 600 * 0x1000
+    gt.map(g_lo, 0x200000)
+    gt.map(g_hi, 0x201000)
+    gt.map_tables()
+    gt.start()
+    v = vm.vcpus[0]
+    assert v.access(g_lo, "read").gpa == 0x200000
+    assert v.access(g_hi, "read").gpa == 0x201000
+    e_hi = gt.entry(g_hi, 1)
+    w = v.access(TABLE_WINDOW + e_hi, "write", 4, (0x201000 | URW | A).to_bytes(4, "little"))
+    assert not w.emulated
+    w = v.access(TABLE_WINDOW + e_hi, "write", 4, (0x20A000 | URW | A).to_bytes(4, "little"))
+    assert w.exits == 0
+    assert v.access(g_hi, "read").gpa == 0x201000  # stale until INVLPG
+    vm.mmu.invlpg(v, g_hi)
+    assert v.access(g_hi, "read").gpa == 0x20A000
+    assert v.access(g_lo, "read").gpa == 0x200000
+    assert vm.check_invariants() == []
+
+
+@pytest.mark.parametrize("pse", [False, True])
+def test_32bit_pde_ps_ignored_without_cr4_pse(pse: bool) -> None:
+    """§3.7 ``is_last_gpte``: for 32-bit paging bit 7 makes a 4 MiB page only
+    with CR4.PSE=1; without it the PDE points at a page table."""
+    vm = make_vm()
+    gt = LegacyTables(vm, "32")
+    pt = gt.alloc()
+    vm.write_guest(pt + 5 * 4, (0x205000 | URW).to_bytes(4, "little"))
+    gt.write(gt.entry(0x800000, 2), pt | URW | P.PTE_PS)
+    v = vm.vcpus[0]
+    v.set_sregs(cr0=CR0, cr3=gt.cr3, cr4=P.CR4_PSE if pse else 0, efer=0)
+    r = v.access(0x805000, "read")
+    # With PSE: a 4 MiB page, frame bits 31:22, PSE-36 bits 20:13 -> 39:32.
+    big = (((pt >> 13) & 0xFF) << 32) | (pt & 0xFFC00000) | 0x5000
+    assert r.fault is None and r.gpa == (big if pse else 0x205000)
