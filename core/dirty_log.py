@@ -11,6 +11,7 @@ logging is on.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,19 +139,24 @@ class DirtyLogMixin:
             )
         return self._by_id[as_id].get(id)  # type: ignore[return-value]
 
-    def get_dirty_log(self, as_id: int, id: int) -> np.ndarray:
+    def get_dirty_log(
+        self, as_id: int, id: int, sync: Callable[[Memslot], object] | None = None
+    ) -> np.ndarray:
         """``KVM_GET_DIRTY_LOG`` (``kvm_get_dirty_log_protect``): the dirty gfns, sorted uint64.
 
         EINVAL for a bad address space or slot id >= _KVM_USER_MEM_SLOTS, ENOENT
         for a missing slot or one without a bitmap.  Without manual protect the
         bitmap is cleared (the VM must then write-protect the returned gfns);
-        with ``manual_dirty_log_protect`` it is only copied.
+        with ``manual_dirty_log_protect`` it is only copied. ``sync`` is
+        ``kvm_arch_sync_dirty_log``, run once the arguments passed the checks.
         """
         slot = self._dirty_log_slot("KVM_GET_DIRTY_LOG", as_id, id)
         if slot is None or slot.dirty_bitmap is None:
             raise KvmError(
                 errno.ENOENT, f"KVM_GET_DIRTY_LOG: slot {as_id}:{id} has no dirty bitmap"
             )
+        if sync is not None:
+            sync(slot)
         gfns = self.dirty_gfns(slot)
         if not self.manual_dirty_log_protect:
             slot.dirty_bitmap[:] = 0
@@ -163,6 +169,7 @@ class DirtyLogMixin:
         first_page: int,
         num_pages: int,
         mask: np.ndarray | None = None,
+        sync: Callable[[Memslot], object] | None = None,
     ) -> np.ndarray:
         """``KVM_CLEAR_DIRTY_LOG`` (``kvm_clear_dirty_log_protect``); returns the cleared gfns.
 
@@ -171,6 +178,7 @@ class DirtyLogMixin:
         EINVAL (range past the slot, or ``num_pages`` not a multiple of 64 unless
         the range ends at the slot's end).  ``mask`` (bool per page; None = all)
         is the userspace bitmap.  The VM re-protects exactly the returned gfns.
+        ``sync`` is ``kvm_arch_sync_dirty_log``, run after the checks.
         """  # fmt: skip
         slot = self._dirty_log_slot("KVM_CLEAR_DIRTY_LOG", as_id, id)
         if first_page & 63:
@@ -189,5 +197,7 @@ class DirtyLogMixin:
                 f"KVM_CLEAR_DIRTY_LOG: [{first_page}, +{num_pages}) does not fit slot of "
                 f"{slot.npages} pages in 64-page units",
             )
+        if sync is not None:
+            sync(slot)
         rel = bitmap_clear_range(slot.dirty_bitmap, first_page, num_pages, mask)
         return rel + np.uint64(slot.base_gfn)

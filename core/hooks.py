@@ -66,6 +66,10 @@ class Hooks:
         r = self.host.call_first_args("kvmmu_max_mapping_level", (self.vm, vcpu, gfn, max_level))
         return None if r is None else int(r)
 
+    def cpu_dirty_log_size(self) -> int:
+        r = self.host.call_first("kvmmu_cpu_dirty_log_size", vm=self.vm)
+        return 0 if r is None else int(r)
+
     def noncoherent_dma_changed(self, old_count: int, new_count: int) -> None:
         self.host.call(
             "kvmmu_noncoherent_dma_changed", vm=self.vm, old_count=old_count, new_count=new_count

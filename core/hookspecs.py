@@ -153,6 +153,21 @@ def kvmmu_max_mapping_level(vm: VM, vcpu: VCpu | None, gfn: int, max_level: int)
     """
 
 
+@hookspec(firstresult=True)
+def kvmmu_cpu_dirty_log_size(vm: VM) -> int | None:
+    """Return ``kvm_x86_ops.cpu_dirty_log_size``: the entries of the CPU's
+    dirty-page log, or ``None`` (0) when the CPU has none.
+
+    Called once, when the VM's TDP MMU is created. VMX with PML
+    (``enable_pml``: EPT with A/D bits, 4.0+) returns 512
+    (``PML_LOG_NR_ENTRIES``); dirty logging then clears D instead of W on 4K
+    SPTEs and the vCPU logs the gpa of each write that sets D
+    (spec/kvm-mmu-2.md §7.1–§7.3; :mod:`kvmmu.pml`).
+
+    firstresult: only the vendor implements it.
+    """
+
+
 @hookspec
 def kvmmu_noncoherent_dma_changed(vm: VM, old_count: int, new_count: int) -> None:
     """Noncoherent DMA was registered or unregistered.

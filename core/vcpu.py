@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from kvmmu import paging
 from kvmmu.errors import GuestFault, KvmError
 from kvmmu.hostmem import PAGE_SHIFT, PAGE_SIZE
+from kvmmu.pml import PmlLog
 
 if TYPE_CHECKING:
     from kvmmu.emulate import Insn
@@ -97,6 +98,8 @@ class VCpu:
         self.mtrr = MtrrState(maxphyaddr=vm.config.host_maxphyaddr)
         self.msrs: dict[int, int] = {}
         self.trace: deque[TraceEvent] | None = None
+        #: The vCPU's PML log (empty and never enabled without vendor PML).
+        self.pml = PmlLog(self, int(getattr(vm.mmu, "cpu_dirty_log_size", 0)))
         # The instruction being run (vcpu.access's rip= and insn=) and the
         # unprotect+retry guard vcpu->arch.last_retry_eip / last_retry_addr
         # (kvmmu.emulate; None where KVM has 0).
@@ -320,6 +323,10 @@ class VCpu:
                 spte, level = hit
                 hpa = mmu.spte_hpa(spte, level, gpa)
                 out = self._touch(hpa, size, data)
+                if write and self.pml.size and not spte & mmu.fmt.dirty_mask:
+                    # The CPU sets D on the leaf and, with PML on, logs the gpa
+                    # (spec/kvm-mmu-2.md §7.2; kvmmu.pml).
+                    self.pml.log(gpa)
                 mmu.hw_mark_accessed(gpa, write)
                 memtype = vm.hooks.effective_memtype(self, spte, guest_pat, hpa)
                 self._trace(kind, gva, gpa, hpa, spte, memtype.label, "ok")
@@ -327,6 +334,8 @@ class VCpu:
                 vm.note_memtype(gpa, memtype, spte)
                 return AccessResult(out, None, gpa, hpa, memtype, spte, level, exits=exits)
             exits += 1
+            # vmx_handle_exit: every exit first moves the PML log to the bitmap.
+            self.pml.flush()
             if exits > MAX_EXITS:
                 raise KvmError(errno.EFAULT, f"fault on gpa {gpa:#x} did not converge")
             error_code = mmu.fault_error_code(hit, write, fetch, self.cpl == 3)

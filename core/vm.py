@@ -277,12 +277,21 @@ class VM:
         (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``) GET only copies the bitmap:
         nothing is cleared or re-protected until :meth:`clear_dirty_log`.
         """
-        gfns = self.memslots.get_dirty_log(as_id, slot)
+        gfns = self.memslots.get_dirty_log(as_id, slot, sync=self.sync_dirty_log)
         if len(gfns) and not self.memslots.manual_dirty_log_protect:
             memslot = self.memslots.id_to_memslot(as_id, slot)
             assert memslot is not None
             self._enable_log_dirty_pt_masked(memslot, gfns)
         return gfns
+
+    def sync_dirty_log(self, slot: Memslot | None = None) -> int:
+        """``kvm_arch_sync_dirty_log``: kick every vCPU so its PML log reaches
+        the bitmap (``vmx_flush_pml_buffer`` on the exit); returns the gpas moved.
+
+        Run by :meth:`get_dirty_log` and :meth:`clear_dirty_log` once their
+        arguments pass the checks. Without PML the logs are always empty.
+        """
+        return sum(v.pml.flush() for v in self.vcpus)
 
     def clear_dirty_log(
         self,
@@ -298,7 +307,9 @@ class VM:
         re-protects exactly the pages whose bits really were set; returns
         those gfns.  Errors (EINVAL / ENOENT) are raised before anything changes.
         """
-        gfns = self.memslots.clear_dirty_log(as_id, slot, first_page, num_pages, mask)
+        gfns = self.memslots.clear_dirty_log(
+            as_id, slot, first_page, num_pages, mask, sync=self.sync_dirty_log
+        )
         if len(gfns):
             memslot = self.memslots.id_to_memslot(as_id, slot)
             assert memslot is not None

@@ -81,8 +81,9 @@ class TdpBase:
         era = getattr(vm, "era", None)
         default_tdp_mmu = era is None or era >= (5, 15)
         self.tdp_mmu_enabled = bool(getattr(cfg, "tdp_mmu", default_tdp_mmu))
-        #: ``cpu_dirty_log_size``: 0 = no PML, dirty logging by write-protection.
-        self.cpu_dirty_log_size = 0
+        #: ``kvm_x86_ops.cpu_dirty_log_size`` from the vendor: 0 = no PML,
+        #: dirty logging by write-protection; else PML (spec/kvm-mmu-2.md §7).
+        self.cpu_dirty_log_size = vm.hooks.cpu_dirty_log_size()
         self.invalidate = InvalidateState()
         #: ``kvm->arch.mmu_valid_gen`` (toggled by zap_all_fast).
         self.mmu_valid_gen = 0

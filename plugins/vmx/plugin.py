@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmmu.errors import ConfigError
 from kvmmu.hookspecs import hookimpl
 from kvmmu.memtype import (
     CR0_CD,
@@ -27,6 +28,7 @@ from kvmmu.plugins.vmx.mt_mask import (
     vmx_get_mt_mask_row,
     vmx_mt_mask_row,
 )
+from kvmmu.pml import PML_LOG_NR_ENTRIES
 from kvmmu.quirks import (
     KVM_X86_QUIRK_CD_NW_CLEARED,
     KVM_X86_QUIRK_IGNORE_GUEST_PAT,
@@ -39,7 +41,7 @@ from kvmmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     SpteFormat,
 )
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 __all__ = ["VMX_EPT_SUPPRESS_VE_BIT", "VmxConfig", "VmxPlugin", "ept_spte_format"]
 
@@ -70,6 +72,19 @@ class VmxConfig(BaseModel):
     #: visited before a differing non-UC one gives WB, instead of the spec's
     #: "UC in any overlapping range wins" (spec/memtype.md §4 rule 5, §6).
     mtrr_kvm_visit_order: bool = False
+    #: ``enable_pml``: page-modification logging for dirty logging
+    #: (spec/kvm-mmu-2.md §7; :mod:`kvmmu.pml`). The kernel turns it on by
+    #: default where the CPU has it; the model leaves it off unless asked, so
+    #: dirty logging works by write-protection on both vendors by default
+    #: (docs/decisions.md). Needs EPT (``tdp``), EPT A/D bits and 4.0+.
+    pml: bool = False
+
+    @model_validator(mode="after")
+    def _pml_needs_ept_ad(self) -> VmxConfig:
+        # vmx.c hardware_setup: !enable_ept || !enable_ept_ad_bits -> enable_pml = 0
+        if self.pml and not self.ept_ad:
+            raise ValueError("pml needs EPT A/D bits (ept_ad = true): enable_pml requires them")
+        return self
 
 
 def ept_spte_format(vm: MemtypeVM, config: VmxConfig) -> SpteFormat:
@@ -136,6 +151,10 @@ class VmxPlugin:
         self.vm: MemtypeVM = vm
         self.config = config if config is not None else VmxConfig()
         check_vmx_quirks(vm)
+        if self.config.pml and (not vm.config.tdp or vm.era < (4, 0)):
+            # enable_pml needs EPT (vmx.c hardware_setup); PML support came with
+            # Kai Huang's 2015 series for 4.0 (the release is from memory).
+            raise ConfigError([("plugins.vmx.pml", "PML needs EPT (tdp = true) and a 4.0+ era")])
         # A VM's kernel era never changes: resolve it once, not on every fault
         # (era_of re-parsed the version on each get_mt_mask call).
         #: The spec/memtype.md §7 row of ``vm.era``.
@@ -220,6 +239,11 @@ class VmxPlugin:
     def kvmmu_hardware_cr0(self, vm: MemtypeVM, vcpu: MemtypeVcpu, cr0: int) -> int:
         """``KVM_VM_CR0_ALWAYS_OFF`` = NW | CD: never set in hardware (spec §11.3)."""
         return cr0 & ~(CR0_CD | CR0_NW)
+
+    @hookimpl
+    def kvmmu_cpu_dirty_log_size(self, vm: MemtypeVM) -> int | None:
+        """``vmx_x86_ops.cpu_dirty_log_size``: ``PML_LOG_NR_ENTRIES`` with PML."""
+        return PML_LOG_NR_ENTRIES if self.config.pml else None
 
     @hookimpl
     def kvmmu_max_mapping_level(
