@@ -757,3 +757,22 @@ def test_w6_w10_deferred_slot_split_as_64k_after_ips_switch_is_a_gvt_hazard() ->
     gma = 22 * 4096
     assert g.translate(gma) is None  # the guest: entry 16 (this 64K page) is empty
     assert v.translate(mm, gma) is not None  # the GPU: reaches a page through slot 22
+
+
+def test_gg5_reset_after_full_and_half_writes_keeps_invariants() -> None:
+    """A reset leaves every host entry scratch + present and the virtual GGTT
+    untouched (intel_vgpu_reset_ggtt); entries rewritten afterwards, whole or
+    by halves, are shadowed again (GG3, GG4)."""
+    vm = make_vm()
+    v = vgpu_of(vm)
+    gma = v.ggtt.hidden.base
+    w = vm.vcpus[0].access
+    w(ggtt_gpa(vm, gma), "write", 8, (DATA | 1).to_bytes(8, "little"))
+    w(ggtt_gpa(vm, gma + 0x1000), "write", 4, (DATA | 1).to_bytes(8, "little")[:4])
+    assert vm.check_invariants() == []
+    v.ggtt.reset(invalidate_old=True)
+    assert vm.check_invariants() == []
+    w(ggtt_gpa(vm, gma + 0x1000) + 4, "write", 4, (DATA | 1).to_bytes(8, "little")[4:])
+    w(ggtt_gpa(vm, gma), "write", 8, (DATA | 1).to_bytes(8, "little"))
+    assert vm.check_invariants() == []
+    assert v.ggtt.host_translate(gma) is not None

@@ -158,8 +158,17 @@ class Ggtt:
             self.dma.unmap(pfn << PAGE_SHIFT)
 
     def reset(self, invalidate_old: bool) -> None:
-        """``intel_vgpu_reset_ggtt`` (GG5): scratch + present in every host entry."""
+        """``intel_vgpu_reset_ggtt`` (GG5): scratch + present in every host entry.
+
+        The virtual GGTT is left as it was, as in the kernel; the guest driver
+        rewrites what it uses. Entries written before the reset therefore no
+        longer pair a virtual entry with its host entry, so the invariants
+        (which check the entries written since) start afresh.
+        """
         entry = gtt.set_pfn(0, T, self.scratch_mfn) | gtt.GEN8_PAGE_PRESENT
+        self.written.clear()
+        self.half_written.clear()
+        self.virtual_only.clear()
         for r in (self.aperture, self.hidden):
             lo, hi = r.base >> 12, (r.base + r.size) >> 12
             if invalidate_old:
