@@ -822,3 +822,144 @@ def test_32bit_pde_ps_ignored_without_cr4_pse(pse: bool) -> None:
     # With PSE: a 4 MiB page, frame bits 31:22, PSE-36 bits 20:13 -> 39:32.
     big = (((pt >> 13) & 0xFF) << 32) | (pt & 0xFFC00000) | 0x5000
     assert r.fault is None and r.gpa == (big if pse else 0x205000)
+
+
+def test_self_mapped_pml4_is_two_sps_and_writes_through_it_are_emulated() -> None:
+    """A recursive PML4 entry: the same guest table is a PML4 (level 4) and,
+    through the self-map, a PDPT/PD/PT (levels 3..1): one sp per role. A
+    store through the self-map hits a write-tracked gfn -> emulated, and the
+    PML4E's SPTE is zapped, so the new mapping is used."""
+    vm, gt = long_env()
+    v = vm.vcpus[0]
+    gt.write(gt.cr3 + 8 * 511, gt.cr3 | URW | A)
+    self_va = 0xFFFFFFFFFFFFF000  # PML4[511] four times: the PML4 page itself
+    r = v.access(self_va, "read")
+    assert r.fault is None and r.gpa == gt.cr3
+    assert int.from_bytes(r.data or b"", "little") == gt.read(gt.cr3)
+    levels = {sp.role.level for sp in sps_of(vm, gt.cr3 >> 12)}  # type: ignore[attr-defined]
+    assert {4, 3, 2} <= levels
+    assert v.access(0x400000, "read").gpa == 0x200000
+    other = GuestTables(vm, base=0x80000)
+    other.map(0x400000, 0x20C000, URW | A)
+    pdpt = other.read(other.cr3) & ~0xFFF
+    w = v.access(self_va, "write", 8, (pdpt | URW | A).to_bytes(8, "little"))
+    assert w.fault is None and w.emulated
+    assert v.access(0x400000, "read").gpa == 0x20C000
+    assert vm.check_invariants() == []
+
+
+def test_32bit_pd_writes_count_flooding_in_every_quadrant_sp() -> None:
+    """§3.13: ``detect_write_flooding`` runs for every sp of the gfn before the
+    quadrant check, so stores to quadrant-0 PDEs count in the quadrant-1 sp
+    too; the emulated store's own fault clears the counts along its path
+    (§2.3 (4)), here the quadrant-1 sp of the table window."""
+    vm = make_vm()
+    gt = LegacyTables(vm, "32")
+    gt.map(0x400000, 0x200000)
+    gt.map_tables()  # the window (0x40000000+) is in quadrant 1
+    gt.start()
+    v = vm.vcpus[0]
+    v.access(0x400000, "read")
+    v.access(TABLE_WINDOW + gt.cr3, "read")
+    root = vm.mmu.vstate(v).root
+    q0, q1 = root.pae[0], root.pae[1]  # type: ignore[union-attr,index]
+    assert q0 is not None and q1 is not None and q0.gfn == q1.gfn == gt.cr3 >> 12
+    for k in range(3):
+        e = gt.cr3 + 4 * (10 + k)  # PDEs 10..12: quadrant 0
+        assert v.access(TABLE_WINDOW + e, "write", 4, bytes(4)).emulated
+    assert q0.invalid
+    assert not q1.invalid and q1.write_flooding_count == 1
+    assert v.access(0x400000, "read").gpa == 0x200000
+    assert vm.check_invariants() == []
+
+
+# ------------------------------------------- property: stores, flush, agree
+def oracle_read(vm: kvmmu.VM, cr3: int, gva: int) -> int | None:
+    """A plain 4-level walk over guest memory (all entries URW, no PS)."""
+    table = cr3 & ~0xFFF
+    for level in (4, 3, 2, 1):
+        e = int.from_bytes(
+            vm.read_guest(table + ((gva >> (12 + 9 * (level - 1))) & 511) * 8, 8), "little"
+        )
+        if not e & P.PTE_P:
+            return None
+        table = e & 0xFFFFFFFFFF000
+    return table | (gva & 0xFFF)
+
+
+STORES = [(0, 8), (0, 4), (4, 4), (0, 1), (0, 2), (2, 4), (4, 8), (1, 1)]
+PROP_GVAS = [0x400000 + i * 0x1000 for i in range(0, 16, 3)] + [0x600000, 0x40000000]
+
+
+def _prop_steps() -> object:
+    from hypothesis import strategies as st
+
+    return st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("store"),
+                st.integers(0, 7),  # table
+                st.sampled_from([0, 1, 2, 3, 6, 9, 12, 15, 511]),  # entry
+                st.integers(0, 11),  # value
+                st.sampled_from(STORES),
+            ),
+            st.tuples(st.just("read"), st.sampled_from(PROP_GVAS)),
+            st.tuples(st.just("invlpg"), st.sampled_from(PROP_GVAS)),
+            st.tuples(st.just("reload")),
+        ),
+        min_size=1,
+        max_size=18,
+    )
+
+
+def test_guest_stores_of_any_width_then_cr3_reload_agree_with_memory() -> None:
+    """§3.12–3.15 end to end: whatever mix of aligned, widened, partial and
+    straddling stores the guest makes to its tables (emulated for upper
+    levels, unsync for leaves), after a CR3 reload (TLB flush + sync) every
+    translation equals a walk of guest memory, and the invariants hold."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(steps=_prop_steps())
+    def run(steps: list[tuple[object, ...]]) -> None:
+        vm = make_vm(vcpus=1)
+        gt = GuestTables(vm)
+        for i in range(16):
+            gt.map(0x400000 + i * 0x1000, 0x200000 + i * 0x1000, URW | A)
+        gt.map(0x600000, 0x210000, URW | A)
+        gt.map(0x40000000, 0x211000, URW | A)
+        gt.map_tables()
+        tables = list(gt.tables)
+        values = [t | URW | A for t in tables[:6]] + [
+            (0x200000 + k * 0x1000) | URW | A for k in range(5)
+        ]
+        values.append(0)
+        gt.start()
+        v = vm.vcpus[0]
+        for g in PROP_GVAS:
+            v.access(g, "read")
+        for step in steps:
+            if step[0] == "store":
+                _s, t, e, val, (off, size) = step  # type: ignore[misc]
+                addr = tables[t % len(tables)] + 8 * e + off  # type: ignore[operator]
+                raw = values[val].to_bytes(16, "little")  # type: ignore[index]
+                r = v.access(TABLE_WINDOW + addr, "write", size, raw[off % 8 : off % 8 + size])  # type: ignore[arg-type,operator]
+                del r  # a store may fault once the window is unmapped
+            elif step[0] == "read":
+                v.access(step[1], "read")  # type: ignore[arg-type]
+            elif step[0] == "invlpg":
+                vm.mmu.invlpg(v, step[1])
+            else:
+                v.set_sregs(cr3=gt.cr3)
+                for g in PROP_GVAS:
+                    want = oracle_read(vm, gt.cr3, g)
+                    got = v.access(g, "read")
+                    assert (got.gpa if got.fault is None else None) == want, (hex(g), steps)
+            assert vm.check_invariants() == [], steps
+        v.set_sregs(cr3=gt.cr3)
+        for g in PROP_GVAS:
+            want = oracle_read(vm, gt.cr3, g)
+            got = v.access(g, "read")
+            assert (got.gpa if got.fault is None else None) == want, (hex(g), steps)
+
+    run()
