@@ -116,6 +116,24 @@ class GuestPageTables:
             raise ValueError(f"page_size must be one of {sorted(PAGE_SIZES)}, got {page_size}")
         if (gva | gpa | size) & (page_size - 1):
             raise ValueError(f"gva, gpa and size must be {page_size:#x}-aligned")
+        # SDM Vol 3A §3.3.7.1: only canonical addresses translate. Writing the
+        # entries of a non-canonical gva would map the canonical alias that
+        # shares its table indexes instead, so refuse (both ends, same half).
+        la57 = self.levels == 5
+        last = gva + size - 1
+        if (
+            gva < 0
+            or not paging.canonical(gva, la57)
+            or not paging.canonical(last, la57)
+            or (gva ^ last) >> 63
+        ):
+            raise ValueError(
+                f"gva range {gva:#x}+{size:#x} is not canonical for {self.levels}-level paging"
+            )
+        # Table 4-20: a frame address is bits 51:12; anything above would land
+        # in the ignored, protection-key or XD bits of the entry.
+        if gpa < 0 or gpa + size > 1 << 52:
+            raise ValueError(f"gpa range {gpa:#x}+{size:#x} does not fit in 52 physical bits")
         for off in range(0, size, page_size):
             addr = self.entry_address(gva + off, level)
             value = self.leaf_value(

@@ -1086,3 +1086,100 @@ def test_vcpu_32bit_pse36_and_pae(tdp: bool) -> None:
     assert r.fault is None and r.gpa == 0x400010
     r = vcpu.access(0x400010, "fetch")
     assert r.fault is not None and r.fault.error_code == P | ID
+
+
+@pytest.mark.parametrize(
+    "vendor,tdp",
+    [
+        pytest.param(
+            "vmx",
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="VMX+EPT, PAE guest: vcpu.access (core/vcpu.py, TDP path) walks with "
+                "vcpu._read_gpte, so the PDPTEs are re-read from guest memory on every "
+                "access; SDM Vol 3A §4.4.1 (and VMX's guest-PDPTE fields, KVM load_pdptrs "
+                "at CR3 load) keep the PDPTEs loaded by MOV CR3 until the next CR3 load. "
+                "The shadow MMU already uses its cached pdptrs.",
+            ),
+        ),
+        ("vmx", False),
+        ("svm", False),
+    ],
+)
+def test_vcpu_pae_pdptes_are_loaded_at_cr3_load(vendor: str, tdp: bool) -> None:
+    """SDM §4.4.1: PAE PDPTEs live in internal registers loaded by MOV CR3; a later
+    change of the PDPT in memory takes effect only at the next CR3 load."""
+    vm = make_vm(tdp=tdp, vendor=vendor)
+    vcpu = vm.vcpus[0]
+    pdpt, pd = 0x200000, 0x201000
+    put(vm, pdpt, pd | PTE_P)
+    put(vm, pd + 2 * 8, 0x400000 | PRW | PTE_PS)
+    vcpu.set_sregs(cr0=CR0_PG | CR0_WP | 0x11, cr3=pdpt, cr4=CR4_PAE, efer=EFER_NXE)
+    put(vm, pdpt, 0)  # the PDPTE is gone from memory, not from the PDPTE registers
+    r = vcpu.access(0x400010, "read")
+    assert r.fault is None and r.gpa == 0x400010
+    vcpu.set_sregs(cr3=pdpt)  # MOV CR3 reloads them
+    r = vcpu.access(0x400010, "read")
+    assert r.fault is not None and (r.fault.vector, r.fault.error_code) == (14, 0)
+
+
+def test_vcpu_split_access_faults_at_the_second_page() -> None:
+    """A fault on the second page of a split access reports that page's address."""
+    vm, pt = guest(True)
+    vcpu = vm.vcpus[0]
+    pt.map(0x400000, 0x400000, 0x1000)
+    r = vcpu.access(0x400FFC, "write", 8, b"12345678")
+    assert r.fault is not None and (r.fault.error_code, r.fault.address) == (W, 0x401000)
+
+
+# --------------------------------------------------------------------------
+# GuestPageTables: what it writes is what the SDM walker expects
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_guest_pt_builds_what_the_walker_reads(levels: int) -> None:
+    vm = make_vm()
+    pt = GuestPageTables(vm, 0x100000, 0x40000, levels=levels)
+    vcpu = vm.vcpus[0]
+    vcpu.set_sregs(**pt.long_mode_sregs())
+    hi = 0xFF00_0000_0000_0000 if levels == 5 else 0xFFFF_8000_0000_0000
+    pt.map(hi | 0x4000_0000, 0x4000_0000, 1 << 30, page_size=1 << 30, nx=True, pat_index=5)
+    pt.map(0x20_0000, 0x60_0000, 2 << 20, page_size=2 << 20, user=False, writable=False)
+    pt.map(0x1000, 0x7000, 0x2000, pat_index=6)
+    w = vcpu.walk(hi | 0x4123_4567, "read")
+    assert (w.gpa, w.level, w.nx, w.user, w.writable) == (0x4123_4567, 3, True, True, True)
+    assert (w.pat, w.pcd, w.pwt) == (1, 0, 1)
+    assert vcpu.walk(hi | 0x4123_4567, "fetch").error_code == P | ID
+    w = vcpu.walk(0x21_2345, "read")
+    assert (w.gpa, w.level, w.user, w.writable) == (0x61_2345, 2, False, False)
+    w = vcpu.walk(0x2ABC, "write")
+    assert (w.gpa, w.level, w.pat, w.pcd, w.pwt) == (0x8ABC, 1, 1, 1, 0)
+    with pytest.raises(ValueError):
+        pt.map(0x20_1000, 0x1000, 0x1000)  # inside the 2M page
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_guest_pt_refuses_non_canonical_gvas(levels: int) -> None:
+    """A non-canonical gva cannot be mapped (§3.3.7.1): writing its entry would
+    silently map the canonical alias that shares its table indexes."""
+    vm = make_vm()
+    pt = GuestPageTables(vm, 0x100000, 0x40000, levels=levels)
+    bad = 0x0100_0000_0000_0000 if levels == 5 else 0x0000_8000_0000_0000
+    with pytest.raises(ValueError, match="canonical"):
+        pt.map(bad, 0x400000, 0x1000)
+    with pytest.raises(ValueError, match="canonical"):
+        pt.map(bad - 0x1000, 0x400000, 0x2000)  # the range runs into the hole
+    vm.vcpus[0].set_sregs(**pt.long_mode_sregs())
+    alias = 0xFF00_0000_0000_0000 if levels == 5 else 0xFFFF_8000_0000_0000
+    assert vm.vcpus[0].access(alias, "read").fault is not None
+
+
+def test_guest_pt_refuses_frames_beyond_52_bits() -> None:
+    """A frame address above bit 51 would spill into the ignored / key / XD bits."""
+    vm = make_vm()
+    pt = GuestPageTables(vm, 0x100000, 0x40000)
+    with pytest.raises(ValueError, match="gpa"):
+        pt.map(0x400000, 1 << 52, 0x1000)
+    with pytest.raises(ValueError, match="gpa"):
+        pt.map(0x400000, (1 << 52) - 0x1000, 0x2000)
