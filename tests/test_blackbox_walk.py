@@ -1183,3 +1183,100 @@ def test_guest_pt_refuses_frames_beyond_52_bits() -> None:
         pt.map(0x400000, 1 << 52, 0x1000)
     with pytest.raises(ValueError, match="gpa"):
         pt.map(0x400000, (1 << 52) - 0x1000, 0x2000)
+
+
+# --------------------------------------------------------------------------
+# more mode corners, and the batch walker over many GVAs at once
+
+
+def test_cr3_low_bits_do_not_move_the_root() -> None:
+    """CR3 bits 11:0 (PCID / PWT / PCD) and, for PAE, bits 4:0 are not address bits."""
+    mem, _ = chain(L4, GVA, [PRW, PRW, PRW, LEAF | PRW])
+    assert ok(run(mem, L4, GVA, cr3=CR3 | 0xFFF)) == LEAF | 0xABC
+    mem, _ = chain(PAE, 0x8765_4321, [PTE_P, PRW, 0x5000 | PRW], cr3=CR3 | 0x60)
+    assert ok(run(mem, PAE, 0x8765_4321, cr3=CR3 | 0x7F)) == 0x5321
+
+
+def test_la57_is_ignored_outside_long_mode() -> None:
+    """CR4.LA57 selects 5-level paging only in IA-32e mode (§4.1.1)."""
+    mem, _ = chain(PAE, 0x8765_4321, [PTE_P, PRW, 0x5000 | PRW])
+    pae57 = Mode("pae")
+    kw: dict[str, Any] = dict(cr0=CR0_PG | 1, cr3=CR3, efer=EFER_NXE, cpl=0, access="read")
+    a = walk(mem.read, cr4=CR4_PAE | CR4_LA57, gva=0x8765_4321, **kw)
+    assert (a.fault, a.gpa) == (False, 0x5321)
+    assert ok(run(mem, pae57, 0x8765_4321)) == 0x5321
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_batch_over_many_gvas_equals_scalar_per_lane(levels: int) -> None:
+    """One batch over mapped, unmapped, huge, supervisor, read-only, NX and
+    non-canonical GVAs: each lane equals the scalar walk, and ``ad_writes`` is
+    the OR-union of the scalar ones."""
+    vm = make_vm()
+    pt = GuestPageTables(vm, 0x100000, 0x40000, levels=levels)
+    pt.map(0x40_0000, 0x40_0000, 0x4000)
+    pt.map(0x40_4000, 0x80_0000, 0x1000, writable=False)
+    pt.map(0x40_5000, 0x80_1000, 0x1000, user=False, nx=True)
+    pt.map(0x60_0000, 0xA0_0000, 2 << 20, page_size=2 << 20, pat_index=7)
+    pt.map(0x4000_0000, 0x4000_0000, 1 << 30, page_size=1 << 30, user=False)
+    hi = 0xFF00_0000_0000_0000 if levels == 5 else 0xFFFF_8000_0000_0000
+    pt.map(hi, 0x40_0000, 0x1000)
+    gvas = [
+        0x40_0123,
+        0x40_1FF8,
+        0x40_3000,
+        0x40_4008,
+        0x40_5010,
+        0x40_6000,
+        0x61_2345,
+        0x7F_FFFF,
+        0x4123_4567,
+        0x8000_0000,
+        hi | 0x10,
+        0x0000_8000_0000_0000,
+        0x0100_0000_0000_0000,
+    ]
+
+    def read(addr: int) -> int:
+        return int.from_bytes(vm.read_guest(addr, 8), "little")
+
+    def read_many(addrs: np.ndarray) -> np.ndarray:
+        return np.array([read(int(a)) for a in addrs], dtype=np.uint64)
+
+    sregs = pt.long_mode_sregs()
+    for access in ("read", "write", "fetch"):
+        for cpl in (0, 3):
+            for extra in (0, CR4_SMEP | CR4_SMAP):
+                kw: dict[str, Any] = dict(
+                    cr0=sregs["cr0"],
+                    cr3=sregs["cr3"],
+                    cr4=sregs["cr4"] | extra,
+                    efer=sregs["efer"],
+                    cpl=cpl,
+                    access=access,
+                )
+                b = walk_batch(read_many, gvas=np.array(gvas, np.uint64), **kw)
+                union: dict[int, int] = {}
+                for i, gva in enumerate(gvas):
+                    r = walk(read, gva=gva, **kw)
+                    lane = (
+                        bool(b.fault[i]),
+                        int(b.vector[i]),
+                        int(b.error_code[i]),
+                        int(b.gpa[i]),
+                        int(b.level[i]),
+                        int(b.pat[i]),
+                    )
+                    assert lane == (
+                        r.fault,
+                        none_to(r.vector, -1),
+                        r.error_code,
+                        none_to(r.gpa, 0),
+                        none_to(r.level, 0),
+                        r.pat,
+                    ), (hex(gva), access, cpl, extra)
+                    for a, v in r.ad_writes.items():
+                        union[a] = union.get(a, 0) | v
+                assert b.ad_writes == union
+    # Bit 47 set is non-canonical under 4-level paging only; bit 56 under both.
+    assert b.vector[-2:].tolist() == ([13, 13] if levels == 4 else [14, 13])
