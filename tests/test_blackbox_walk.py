@@ -281,7 +281,13 @@ def test_rsvd_code_carries_p_and_access_bits(access: str, cpl: int) -> None:
 
 
 def test_fetch_flag_needs_nxe_or_smep() -> None:
-    """§4.7: I/D=1 only if CR4.SMEP=1 or (PAE/long paging and EFER.NXE=1)."""
+    """§4.7: I/D=1 only if CR4.SMEP=1 or (PAE/long paging and EFER.NXE=1).
+
+    The walker follows the SDM here (as QEMU does). KVM's own walker tests
+    ``is_efer_nx(mmu) || is_cr4_smep(mmu)`` and ``kvm_calc_cpu_role`` sets
+    ``efer_nx`` under 32-bit paging too, so a shadow-paged 32-bit guest with
+    EFER.NXE=1 would see I/D=1 from KVM (an EPT guest gets the CPU's #PF).
+    """
     for mode in (Mode("4", nxe=False), Mode("pae", nxe=False), Mode("32", nxe=True)):
         gva = 0x40_0000
         mem, _ = chain(mode, gva, [*ups(mode, len(mode.levels) - 1), 0])
@@ -1280,3 +1286,27 @@ def test_batch_over_many_gvas_equals_scalar_per_lane(levels: int) -> None:
                 assert b.ad_writes == union
     # Bit 47 set is non-canonical under 4-level paging only; bit 56 under both.
     assert b.vector[-2:].tolist() == ([13, 13] if levels == 4 else [14, 13])
+
+
+@TDP
+def test_vcpu_wp0_smep_sequence_keeps_guest_semantics(tdp: bool) -> None:
+    """CR0.WP=0 + SMEP on a read-only user page: a supervisor write succeeds,
+    yet user accesses and supervisor fetches keep their architectural outcome
+    (the shadow MMU's WP=0 trick must not leak into what the guest sees)."""
+    vm, pt = guest(tdp)
+    vcpu = vm.vcpus[0]
+    pt.map(0x400000, 0x400000, 0x1000, writable=False)
+    vcpu.set_sregs(cr0=vcpu.cr0 & ~CR0_WP, cr4=vcpu.cr4 | CR4_SMEP)
+    assert vcpu.access(0x400000, "write", 2, b"hi").fault is None
+    r = vcpu.access(0x400000, "fetch")
+    assert r.fault is not None and r.fault.error_code == P | ID
+    vcpu.set_sregs(cpl=3)
+    assert vcpu.access(0x400000, "read", 2).data == b"hi"
+    assert vcpu.access(0x400000, "fetch").fault is None
+    r = vcpu.access(0x400000, "write", 1, b"x")
+    assert r.fault is not None and r.fault.error_code == P | W | U
+    vcpu.set_sregs(cpl=0)
+    assert vcpu.access(0x400000, "write", 1, b"H").fault is None
+    assert vm.read_guest(0x400000, 2) == b"Hi"
+    r = vcpu.access(0x400000, "fetch")
+    assert r.fault is not None and r.fault.error_code == P | ID
