@@ -66,6 +66,9 @@ class Hooks:
         r = self.host.call_first_args("kvmmu_max_mapping_level", (self.vm, vcpu, gfn, max_level))
         return None if r is None else int(r)
 
+    def pae_pdptes_in_registers(self) -> bool:
+        return bool(self.host.call_first("kvmmu_pae_pdptes_in_registers", vm=self.vm))
+
     def cpu_dirty_log_size(self) -> int:
         r = self.host.call_first("kvmmu_cpu_dirty_log_size", vm=self.vm)
         return 0 if r is None else int(r)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -98,6 +99,8 @@ class VCpu:
         self.mtrr = MtrrState(maxphyaddr=vm.config.host_maxphyaddr)
         self.msrs: dict[int, int] = {}
         self.trace: deque[TraceEvent] | None = None
+        #: The PAE PDPTEs loaded at the last CR3 load (``mmu->pdptrs``).
+        self.pdptrs = [0, 0, 0, 0]
         #: The vCPU's PML log (empty and never enabled without vendor PML).
         self.pml = PmlLog(self, int(getattr(vm.mmu, "cpu_dirty_log_size", 0)))
         # The instruction being run (vcpu.access's rip= and insn=) and the
@@ -128,6 +131,14 @@ class VCpu:
         """
         if cpl is not None and cpl not in (0, 1, 2, 3):
             raise ValueError(f"cpl must be 0..3, got {cpl}")
+        if cr4 is not None and cr4 & paging.CR4_PKE and not self.vm.config.tdp:
+            # kvm_set_cpu_caps clears X86_FEATURE_PKU without TDP, so CR4.PKE is
+            # a reserved bit for the guest and kvm_is_valid_cr4 fails the ioctl.
+            raise KvmError(
+                errno.EINVAL,
+                "CR4.PKE needs TDP: KVM hides PKU from the guest under shadow paging, "
+                "so KVM_SET_SREGS refuses it (kvm_is_valid_cr4)",
+            )
         old = (self.cr0, self.cr3, self.cr4, self.efer)
         if cr4 is not None:
             self.cr4 = cr4
@@ -151,6 +162,7 @@ class VCpu:
         # PDPTEs and drops non-global translations (SDM Vol 3A §4.4.1, §4.10.4.1;
         # arch/x86/kvm/x86.c: kvm_set_cr3 -> kvm_mmu_new_pgd).
         if cr3 is not None or (self.cr0, self.cr3, self.cr4, self.efer) != old:
+            self._load_pdptrs()
             reload = getattr(self.vm.mmu, "load_pgd", None)
             if reload is not None:
                 reload(self)
@@ -202,7 +214,7 @@ class VCpu:
     def walk(self, gva: int, kind: Kind) -> paging.WalkResult:
         """The guest's own walk of ``gva`` over its page tables in guest memory."""
         return paging.walk(
-            self._read_gpte,
+            self._walk_read(),
             cr0=self.cr0,
             cr3=self.cr3,
             cr4=self.cr4,
@@ -214,6 +226,43 @@ class VCpu:
             pkru=self.pkru,
             maxphyaddr=self.vm.config.host_maxphyaddr,
         )
+
+    def _pae_paging(self) -> bool:
+        """``is_pae_paging``: paging on, CR4.PAE, not long mode."""
+        pg, pae = self.cr0 & paging.CR0_PG, self.cr4 & paging.CR4_PAE
+        return bool(pg and pae and not self.efer & paging.EFER_LMA)
+
+    def _load_pdptrs(self) -> None:
+        """``load_pdptrs`` (x86.c) at a CR3 load or paging-mode change under PAE.
+
+        The four PDPTEs are read from the 32-byte aligned PDPT at CR3; a present
+        one with a reserved bit (MAXPHYADDR..63, 8:5, 2:1) fails the load and
+        the old copies stay (MOV CR3 would #GP; KVM_SET_SREGS ignores it).
+        """
+        if not self._pae_paging():
+            return
+        base = self.cr3 & 0xFFFFFFE0
+        new = [int.from_bytes(self.vm.read_guest(base + 8 * k, 8), "little") for k in range(4)]
+        rsvd = ((1 << 64) - (1 << self.vm.config.host_maxphyaddr)) | 0x1E0 | 0x6
+        if any(p & paging.PTE_P and p & rsvd for p in new):
+            return
+        self.pdptrs = new
+
+    def _walk_read(self) -> Callable[[int], int]:
+        """The guest-table reader for a walk: PAE with TDP on a CPU that keeps the
+        PDPTEs in registers (VMX: ``GUEST_PDPTRn``) answers them from
+        :attr:`pdptrs`, everything else comes from guest memory."""
+        if not (self._pae_paging() and self.vm.hooks.pae_pdptes_in_registers()):
+            return self._read_gpte
+        base = self.cr3 & 0xFFFFFFE0
+        cached = self.pdptrs
+
+        def read(gpa: int) -> int:
+            if base <= gpa < base + 32 and not gpa & 7:
+                return cached[(gpa - base) >> 3]
+            return self._read_gpte(gpa)
+
+        return read
 
     def _gpte_size(self) -> int:
         """4-byte entries under 32-bit paging (CR4.PAE clear), else 8 (SDM Vol 3A §4.3)."""

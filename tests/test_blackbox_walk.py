@@ -15,6 +15,7 @@ shadow MMU: both must inject the same #PF and write the same A/D bits.
 
 from __future__ import annotations
 
+import errno
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from conftest import make_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kvmmu.errors import KvmError
 from kvmmu.guest_pt import GuestPageTables
 from kvmmu.paging import (
     CR0_PG,
@@ -1021,16 +1023,16 @@ def test_vcpu_pku_tdp() -> None:
     _pku_steps(True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shadow MMU + CR4.PKE: vcpu.set_sregs accepts CR4.PKE without TDP, the guest "
-    "walk applies PKRU, but ShadowMmu.hw_walk ignores keys, so once a SPTE is installed "
-    "a PKRU.AD change goes unnoticed (read succeeds). KVM never gets here: it clears "
-    "X86_FEATURE_PKU when !tdp_enabled, so CR4.PKE is reserved and KVM_SET_SREGS fails "
-    "(kvm_is_valid_cr4). Fix in core/vcpu.py (refuse PKE with tdp=False) or core/mmu.",
-)
-def test_vcpu_pku_shadow() -> None:
-    _pku_steps(False)
+def test_vcpu_pku_refused_under_shadow_paging() -> None:
+    """KVM clears X86_FEATURE_PKU without TDP, so CR4.PKE is reserved and
+    KVM_SET_SREGS fails (kvm_is_valid_cr4); nothing changes."""
+    vm, _pt = guest(False)
+    vcpu = vm.vcpus[0]
+    before = (vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, vcpu.cpl)
+    with pytest.raises(KvmError) as ei:
+        vcpu.set_sregs(cr4=vcpu.cr4 | CR4_PKE, cpl=3)
+    assert ei.value.errno == errno.EINVAL and "PKE" in str(ei.value)
+    assert (vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, vcpu.cpl) == before
 
 
 @TDP
@@ -1097,18 +1099,7 @@ def test_vcpu_32bit_pse36_and_pae(tdp: bool) -> None:
 @pytest.mark.parametrize(
     "vendor,tdp",
     [
-        pytest.param(
-            "vmx",
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="VMX+EPT, PAE guest: vcpu.access (core/vcpu.py, TDP path) walks with "
-                "vcpu._read_gpte, so the PDPTEs are re-read from guest memory on every "
-                "access; SDM Vol 3A §4.4.1 (and VMX's guest-PDPTE fields, KVM load_pdptrs "
-                "at CR3 load) keep the PDPTEs loaded by MOV CR3 until the next CR3 load. "
-                "The shadow MMU already uses its cached pdptrs.",
-            ),
-        ),
+        ("vmx", True),
         ("vmx", False),
         ("svm", False),
     ],
@@ -1126,6 +1117,22 @@ def test_vcpu_pae_pdptes_are_loaded_at_cr3_load(vendor: str, tdp: bool) -> None:
     r = vcpu.access(0x400010, "read")
     assert r.fault is None and r.gpa == 0x400010
     vcpu.set_sregs(cr3=pdpt)  # MOV CR3 reloads them
+    r = vcpu.access(0x400010, "read")
+    assert r.fault is not None and (r.fault.vector, r.fault.error_code) == (14, 0)
+
+
+def test_npt_pae_guest_reads_the_pdpt_from_memory() -> None:
+    """SVM with NPT has no PDPTE registers for the guest: the CPU walks the
+    PDPT in memory (kvmmu_pae_pdptes_in_registers is False), so removing the
+    PDPTE takes effect at once."""
+    vm = make_vm(tdp=True, vendor="svm")
+    vcpu = vm.vcpus[0]
+    pdpt, pd = 0x200000, 0x201000
+    put(vm, pdpt, pd | PTE_P)
+    put(vm, pd + 2 * 8, 0x400000 | PRW | PTE_PS)
+    vcpu.set_sregs(cr0=CR0_PG | CR0_WP | 0x11, cr3=pdpt, cr4=CR4_PAE, efer=EFER_NXE)
+    assert vcpu.access(0x400010, "read").fault is None
+    put(vm, pdpt, 0)
     r = vcpu.access(0x400010, "read")
     assert r.fault is not None and (r.fault.vector, r.fault.error_code) == (14, 0)
 

@@ -241,6 +241,11 @@ class VmxPlugin:
         return cr0 & ~(CR0_CD | CR0_NW)
 
     @hookimpl
+    def kvmmu_pae_pdptes_in_registers(self, vm: MemtypeVM) -> bool:
+        """EPT: the CPU uses the VMCS ``GUEST_PDPTRn`` fields (``ept_load_pdptrs``)."""
+        return bool(vm.config.tdp)
+
+    @hookimpl
     def kvmmu_cpu_dirty_log_size(self, vm: MemtypeVM) -> int | None:
         """``vmx_x86_ops.cpu_dirty_log_size``: ``PML_LOG_NR_ENTRIES`` with PML."""
         return PML_LOG_NR_ENTRIES if self.config.pml else None
