@@ -252,12 +252,30 @@ def main(argv: list[str] | None = None) -> None:
 @click.argument("scenario", required=False)
 @click.option("--vendor", help="run under this vendor instead of the scenario's")
 @click.option("--era", help="kernel version whose behaviour to model, e.g. 6.8")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override a [vm] key, e.g. plugins.vmx.pml=true (repeatable; VALUE is TOML)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report")
-def run_cmd(scenario: str | None, vendor: str | None, era: str | None, as_json: bool) -> None:
+def run_cmd(
+    scenario: str | None,
+    vendor: str | None,
+    era: str | None,
+    settings: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Run SCENARIO (a TOML file; default: the embedded default scenario)."""
     from kvmmu.scenario import load_scenario
+    from kvmmu.scenario_overrides import apply_settings, parse_setting
 
-    sc = load_scenario(scenario)
+    try:
+        parsed = dict(parse_setting(t) for t in settings)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--set") from None
+    sc = apply_settings(load_scenario(scenario), parsed)
     rep = run_with_progress(sc, vendor, era, quiet=as_json)
     if as_json:
         emit_json(rep)
@@ -271,6 +289,14 @@ def run_cmd(scenario: str | None, vendor: str | None, era: str | None, as_json: 
 @click.argument("scenario", required=False)
 @click.option("--vendors", default="vmx,svm", show_default=True, help="comma-separated vendors")
 @click.option("--eras", default=None, help="comma-separated kernel versions, e.g. 6.10,6.16")
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="NAME:KEY=VALUE,...",
+    help="also vary the [vm] config: each variant is a run per vendor and era, e.g. "
+    "--variant wp: --variant pml:plugins.vmx.pml=true (repeatable; 'NAME:' alone = as written)",
+)
 @click.option("--expect-equal", is_flag=True, help="exit 1 when the runs differ")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="draw a PNG")
@@ -278,27 +304,43 @@ def compare_cmd(
     scenario: str | None,
     vendors: str,
     eras: str | None,
+    variants: tuple[str, ...],
     expect_equal: bool,
     as_json: bool,
     plot: Path | None,
 ) -> None:
-    """Run SCENARIO under each vendor (and era) and show what differs.
+    """Run SCENARIO per vendor, era and variant and show what differs.
 
     SCENARIO is a TOML file; without one, the embedded default scenario.
     """
     from kvmmu.compare import compare_runs, plot_comparison
     from kvmmu.scenario import load_scenario
+    from kvmmu.scenario_overrides import apply_settings, parse_variant
 
     sc = load_scenario(scenario)
     vendor_list = [v.strip() for v in vendors.split(",") if v.strip()]
     era_list = [e.strip() for e in eras.split(",")] if eras else [None]
     if not vendor_list:
         raise click.UsageError("--vendors needs at least one vendor")
+    try:
+        parsed = [parse_variant(t) for t in variants]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--variant") from None
+    names = [p.name for p in parsed]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"variant names must differ, got {names}", param_hint="--variant")
+    # every variant is validated before anything runs
+    scs: list[tuple[str | None, Any]] = [
+        (p.name, apply_settings(sc, p.settings, f"--variant {p.name}")) for p in parsed
+    ] or [(None, sc)]
     runs = []
-    for v in vendor_list:
-        for e in era_list:
-            rep = run_with_progress(sc, v, e, quiet=as_json)
-            runs.append(rep)
+    for vendor in vendor_list:
+        for era in era_list:
+            for name, vsc in scs:
+                rep = run_with_progress(vsc, vendor, era, quiet=as_json)
+                if name is not None:
+                    rep["variant"] = name
+                runs.append(rep)
     result = compare_runs(runs)
     if plot:
         plot_comparison(result, plot)

@@ -14,11 +14,23 @@ from typing import Any
 __all__ = ["compare_runs", "flatten_report", "plot_comparison", "run_label"]
 
 #: Report keys that describe the run rather than its behaviour.
-_IDENTITY = {"scenario", "vendor", "era", "kernel", "tdp", "seed", "stats", "device_results"}
+_IDENTITY = {
+    "scenario",
+    "vendor",
+    "era",
+    "variant",
+    "kernel",
+    "tdp",
+    "seed",
+    "stats",
+    "device_results",
+}
 
 
 def run_label(rep: dict[str, Any]) -> str:
-    return f"{rep['vendor']}@{rep['era']}"
+    """``vendor@era``, plus ``+variant`` for a ``compare --variant`` run."""
+    label = f"{rep['vendor']}@{rep['era']}"
+    return f"{label}+{rep['variant']}" if rep.get("variant") else label
 
 
 def flatten_report(rep: dict[str, Any]) -> dict[str, Any]:

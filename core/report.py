@@ -80,6 +80,8 @@ def print_report(console: Console, rep: dict[str, Any]) -> None:
         "remote_tlb_flushes",
     ):
         t.add_row(k, str(rep[k]))
+    for k, v in rep.get("dirty_log", {}).items():
+        t.add_row(f"dirty_log.{k}", str(v))
     console.print(t)
     mt = Table(title="Effective memory types per memslot")
     mt.add_column("slot")

@@ -58,6 +58,9 @@ class ScenarioRun:
         self.results: list[dict[str, Any]] = []
         self.violations: list[str] = []
         self.checked = 0
+        #: KVM_GET_DIRTY_LOG steps run and the dirty pages they returned.
+        self.dirty_harvests = 0
+        self.dirty_pages = 0
         self.steps = 0
         self._build()
 
@@ -242,7 +245,8 @@ class ScenarioRun:
                 step.gfn
             )
         elif isinstance(step, DirtyLogStep):
-            vm.get_dirty_log(step.slot)
+            self.dirty_harvests += 1
+            self.dirty_pages += len(vm.get_dirty_log(step.slot))
         elif isinstance(step, MsrStep):
             vm.vcpus[step.vcpu].set_msr(step.index, step.value)
         elif isinstance(step, Cr0Step):
@@ -316,6 +320,12 @@ class ScenarioRun:
             "mmio_exits": int(st.get("mmio_exits", 0) + st.get("mmio_reads", 0)),
             "track_writes": vm.page_track.writes,
             "remote_tlb_flushes": int(st.get("remote_tlb_flush", 0)),
+            "dirty_log": {
+                "harvests": self.dirty_harvests,
+                "pages": self.dirty_pages,
+                "pml_logged": int(st.get("pml_logged", 0)),
+                "pml_full_exits": int(st.get("pml_full_exits", 0)),
+            },
             "memtypes": memtypes,
             "spte_memtypes": spte_memtypes,
             "invariants": {"checked": self.checked, "violations": list(self.violations)},
