@@ -21,6 +21,7 @@ from kvmmu.plugins.kvmgt.ggtt import GGTT_START_OFFSET
 from kvmmu.plugins.kvmgt.gtt import GttType as T
 from kvmmu.plugins.kvmgt.guest import DEFAULT_LEAF, DEFAULT_PTR, GuestPpgtt
 from kvmmu.plugins.kvmgt.ppgtt import PpgttMm, Spt
+from test_kvmgt import host_pfn, make_vm, vgpu_of
 
 HVA = 0x1000_0000
 RAM = 64 << 20
@@ -28,23 +29,8 @@ DATA = 8 << 20
 
 
 # =================================================================== KVMGT
-def kvm_vm(page_level: int = 1, **kvmgt: object) -> kvmmu.VM:
-    plugins: dict[str, object] = {"enabled": ["kvmgt"]}
-    if kvmgt:
-        plugins["kvmgt"] = kvmgt
-    vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", plugins=plugins))
-    vm.host.mmap_anon(HVA, RAM, page_level=page_level)
-    vm.set_user_memory_region(0, 0, 0, RAM, HVA)
-    return vm
-
-
-def vgpu(vm: kvmmu.VM) -> Vgpu:
-    v: Vgpu = vm.plugin("kvmgt").vgpu
-    return v
-
-
-def hpfn(vm: kvmmu.VM, gpa: int) -> int:
-    return vm.host.hva_to_pfn(HVA + gpa, write=False)
+# the KVMGT VM of tests/test_kvmgt.py (same HVA, RAM and DATA)
+kvm_vm, vgpu, hpfn = make_vm, vgpu_of, host_pfn
 
 
 def spt_at(v: Vgpu, gpa: int) -> Spt:

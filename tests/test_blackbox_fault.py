@@ -15,6 +15,7 @@ from typing import Any
 
 import kvmmu
 import pytest
+from conftest import FlushRecorder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvmmu import spte as S
@@ -49,15 +50,6 @@ X86_NX = 1 << 63
 PS = 1 << 7
 MMU_PRESENT = 1 << 11
 AD_DISABLED = 1 << 52
-
-
-class FlushRecorder:
-    def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
-
-    @kvmmu.hookimpl
-    def kvmmu_flush_remote_tlbs_range(self, gfn: int, nr_pages: int) -> None:
-        self.ranges.append((gfn, nr_pages))
 
 
 def _vm(

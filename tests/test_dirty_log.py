@@ -9,6 +9,7 @@ from typing import Any
 import kvmmu
 import numpy as np
 import pytest
+from conftest import FlushRecorder
 from kvmmu import spte as S
 from kvmmu.mmu import PFERR_USER_MASK, PFERR_WRITE_MASK
 
@@ -16,15 +17,6 @@ HVA = 0x7F00_0000_0000
 W = PFERR_WRITE_MASK | PFERR_USER_MASK
 LOG = kvmmu.KVM_MEM_LOG_DIRTY_PAGES
 SIZE = 8 << 20  # 2048 pages
-
-
-class Flushes:
-    def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
-
-    @kvmmu.hookimpl
-    def kvmmu_flush_remote_tlbs_range(self, gfn: int, nr_pages: int) -> None:
-        self.ranges.append((gfn, nr_pages))
 
 
 def _vm(
@@ -52,7 +44,7 @@ def _writable(vm: Any, gfn: int) -> bool:
 def test_enable_dirty_log_always_flushes_the_whole_slot() -> None:
     """§7.1: enabling logging ends with kvm_flush_remote_tlbs_memslot, even with no SPTEs."""
     vm = _vm()
-    rec = Flushes()
+    rec = FlushRecorder()
     vm.register_plugin(rec, "flushes")
     vm.set_user_memory_region(0, LOG, 0, SIZE, HVA)
     assert rec.ranges == [(0, SIZE >> 12)]
