@@ -37,7 +37,11 @@ class PageTrack:
 
     def _slot_for(self, gfn: int, op: str) -> Memslot:
         slot = self.vm.memslots.gfn_to_memslot(gfn)
-        if slot is None or slot.is_invalid:
+        # spec/kvm-mmu.md §2.2: -EINVAL only when gfn_to_memslot finds no slot;
+        # it does not skip the INVALID copy of a slot being deleted (which
+        # shares the old slot's counters), so a track_remove_region notifier
+        # may still add or remove gfns of that slot.
+        if slot is None:
             raise KvmError(
                 errno.EINVAL,
                 f"{op}: gfn {gfn:#x} is not in any memslot (kvm_write_track_{op}_gfn)",
