@@ -170,8 +170,20 @@ def _guest_write(vm: Any, op: dict[str, Any]) -> StepGen:
     gpa = int(op["gpa"])
     size = int(op.get("size", 8))
     data = int(op["value"]).to_bytes(8, "little")[:size]
-    slot = vm.memslots.gfn_to_memslot(gpa >> 12)
-    if not vm.page_track.is_write_tracked(slot, gpa >> 12):
+    gfn = gpa >> 12
+    slot = vm.memslots.gfn_to_memslot(gfn)
+    if not vm.page_track.is_write_tracked(slot, gfn):
+        unsync = getattr(vm.mmu, "try_to_unsync_pages", None)
+        if unsync is not None and vm.mmu.gfn_sps.get(gfn):
+            # A last-level guest table KVM shadows is write-protected but not
+            # tracked (spec/kvm-mmu.md §2.4): the store faults, and under
+            # mmu_lock mmu_try_to_unsync_pages unsyncs its shadow pages and
+            # maps it writable (§3.12) before the store goes through. Writing
+            # past the write-protection would leave a synced sp stale.
+            yield from _mmu_lock(vm)
+            unsync(slot, gfn, True, False)
+            vm.write_guest(gpa, data)
+            return "unsync-store"
         vm.write_guest(gpa, data)
         return "store"
     vm.write_guest_kvm(gpa, data)
@@ -286,8 +298,10 @@ class VmInstance:
             if root is None:
                 continue
             for gva in self.gvas:
-                err, _sp, _i, spte = mmu.hw_walk(vcpu, root, gva, False, False)
-                if err is not None:
+                err, sp, _i, spte = mmu.hw_walk(vcpu, root, gva, False, False)
+                if err is not None or sp.unsync:
+                    # An unsync leaf may lag the guest until its INVLPG or CR3
+                    # load syncs it (spec/kvm-mmu.md §3.12, §3.15).
                     continue
                 w = vcpu.walk(gva, "read")
                 hpa = (spte & 0x000F_FFFF_FFFF_F000) | (gva & 0xFFF)
