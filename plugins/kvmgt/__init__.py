@@ -99,12 +99,35 @@ class KvmgtPlugin:
     def kvmmu_memslot_prepare(
         self, vm: VM, old: Memslot | None, new: Memslot | None, change: MemslotChange
     ) -> None:
-        """K10: a MOVE is refused with EINVAL while a vGPU is attached (``c70934e0ab2d``)."""
+        """K10: a MOVE is refused with EINVAL while a vGPU is attached (``c70934e0ab2d``).
+
+        The refusal is part of the 6.6 page-track rework (spec/kvm-mmu.md §2.2,
+        §2.5; spec/kvm-mmu-2.md §8): before 6.6 the MOVE goes through and KVM
+        calls ``track_flush_slot`` (see :meth:`kvmmu_memslot_commit`).
+        """
+        if vm.era < (6, 6):
+            return
         if change.name == "MOVE" and self.gvt is not None and self.gvt.attached_vgpus():
             raise KvmError(
                 errno.EINVAL,
                 "memslot MOVE refused: KVMGT is attached (kvm_page_track_has_external_user, K10)",
             )
+
+    @hookimpl
+    def kvmmu_memslot_commit(
+        self, vm: VM, old: Memslot | None, new: Memslot | None, change: MemslotChange
+    ) -> None:
+        """Before 6.6 a MOVE reaches ``kvm_page_track_flush_slot`` (spec/kvm-mmu.md
+        §2.1, §2.5): ``kvmgt_page_track_flush_slot`` drops the protect entries
+        of the old slot (its ``kvm_slot_page_track_remove_page`` calls hit
+        counts the MOVE discards anyway). DELETE already arrives as
+        ``kvmmu_track_remove_region``; from 6.6 a MOVE is refused above.
+        """
+        if vm.era >= (6, 6) or change.name != "MOVE" or old is None or self.gvt is None:
+            return
+        for v in self.gvt.vgpus:
+            if v.attached:
+                v.remove_region(old.base_gfn, old.npages)
 
     def _bar0_offset(self, gpa: int) -> int | None:
         off = gpa - self.cfg.bar0_gpa
