@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from functools import total_ordering
 
-__all__ = ["NEWEST", "KernelVersion", "era_of"]
+__all__ = ["CORE_ERAS", "NEWEST", "KernelVersion", "era_of", "report_eras"]
 
 _VERSION_RE = re.compile(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?(?:-rc\d+)?\s*$")
 
@@ -78,6 +78,28 @@ def _pad(parts: tuple[int, ...]) -> tuple[int, ...]:
 
 #: The newest behaviour the model knows; the default ``era`` of a VM.
 NEWEST = KernelVersion("6.16")
+
+#: First versions where the core's (not a vendor's) modelled behaviour
+#: changes (spec/kvm-mmu-2.md §8): 3.2 ``retry_instruction``; 4.0 PML; 4.2
+#: ``KVM_CAP_DISABLE_QUIRKS``; 5.15 TDP MMU on by default; 5.19
+#: ``KVM_CAP_DISABLE_QUIRKS2``; 6.6 page-track rework and MOVE refused with
+#: external trackers; 6.8 ``KVM_SET_USER_MEMORY_REGION2``; 6.10
+#: ``KVM_PRE_FAULT_MEMORY``; 6.12 ``SLOT_ZAP_ALL`` quirk and unprotect-and-retry
+#: only after a real zap; 6.13 in-place huge-page recovery; 6.16 one-way quirks.
+CORE_ERAS = ("3.2", "4.0", "4.2", "5.15", "5.19", "6.6", "6.8", "6.10", "6.12", "6.13", "6.16")
+
+
+def report_eras(vendor_eras: Sequence[str]) -> list[str]:
+    """The era boundaries a report names: the vendor's and the core's, sorted.
+
+    Two kernels get the same era name only if nothing the model knows changes
+    between them. The oldest era stays the vendor's oldest.
+    """
+    oldest = KernelVersion(vendor_eras[0])
+    both = {KernelVersion(e) for e in vendor_eras} | {
+        KernelVersion(e) for e in CORE_ERAS if KernelVersion(e) > oldest
+    }
+    return [str(v) for v in sorted(both)]
 
 
 def era_of(version: str | KernelVersion, firsts: Sequence[str]) -> str:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from kvmmu.era import era_of
+from kvmmu.era import era_of, report_eras
 from kvmmu.errors import ConfigError
 from kvmmu.guest_pt import GuestPageTables
 from kvmmu.hooks import scenario_devices, scenario_op
@@ -297,9 +297,11 @@ class ScenarioRun:
 
     # reporting --------------------------------------------------------------
     def era_name(self) -> str:
+        """The first version of the era the kernel falls in, by the vendor's
+        and the core's boundaries (:func:`kvmmu.era.report_eras`)."""
         vendor = self.vm.plugin(self.vm.config.vendor)
         eras = getattr(vendor, "ERAS", None)
-        return era_of(self.vm.era, eras) if eras else str(self.vm.era)
+        return era_of(self.vm.era, report_eras(eras)) if eras else str(self.vm.era)
 
     def report(self) -> dict[str, Any]:
         vm = self.vm

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from kvmmu.config import VMConfig, parse_config
 from kvmmu.era import KernelVersion
-from kvmmu.errors import KvmError
+from kvmmu.errors import ConfigError, KvmError
 from kvmmu.hooks import Hooks
 from kvmmu.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from kvmmu.memslot import Memslot, MemslotChange, Memslots
@@ -51,6 +51,17 @@ class VM:
         self.era = KernelVersion(cfg.era)
         resolved = resolve_plugins(cfg)
         vendor_cls = resolved[0].cls
+        vendor_eras = getattr(vendor_cls, "ERAS", None)
+        if vendor_eras and self.era < KernelVersion(vendor_eras[0]):
+            raise ConfigError(
+                [
+                    (
+                        "era",
+                        f"kernel {self.era} is older than the oldest era the {cfg.vendor} "
+                        f"plugin models ({vendor_eras[0]})",
+                    )
+                ]
+            )
         self._needs_self_snoop = getattr(vendor_cls, "QUIRKS_REQUIRING_SELF_SNOOP", 0)
         self.quirks = self._quirk_mask(
             cfg,
@@ -211,6 +222,12 @@ class VM:
         guest_memfd_offset: int = 0,
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION2`` (6.8+; guest_memfd is not modelled)."""
+        if self.era < (6, 8):
+            # No such VM ioctl before 6.8: kvm_vm_ioctl hands the number to x86
+            # kvm_arch_vm_ioctl, whose default is -ENOTTY (spec/kvm-mmu-2.md §8).
+            raise KvmError(
+                errno.ENOTTY, f"KVM_SET_USER_MEMORY_REGION2 does not exist in kernel {self.era}"
+            )
         self._set_memory_region(
             slot,
             flags,
@@ -257,6 +274,18 @@ class VM:
         if prep.change is None:
             return
         old, new, change = prep.old, prep.new, prep.change
+        if change is MemslotChange.MOVE and self.era >= (6, 6):
+            users = self.page_track.external_users()
+            if users:
+                # x86.c kvm_arch_prepare_memory_region: no MOVE while an external
+                # page tracker is attached (kvm_page_track_has_external_user;
+                # spec/kvm-mmu.md §2.5, consumers.md K10). Refused before anything
+                # moves (docs/decisions.md, "A rejected memslot call changes nothing").
+                raise KvmError(
+                    errno.EINVAL,
+                    f"memslot MOVE refused: page-track notifier(s) registered: "
+                    f"{', '.join(users)} (kvm_page_track_has_external_user)",
+                )
         self.hooks.memslot_prepare(old, new, change)
         if change in (MemslotChange.DELETE, MemslotChange.MOVE):
             assert old is not None
@@ -385,7 +414,16 @@ class VM:
 
     # MMU entry points ---------------------------------------------------
     def pre_fault_memory(self, gpa: int, size: int) -> int:
-        """``KVM_PRE_FAULT_MEMORY`` (6.10+; spec/kvm-mmu-2.md §6)."""
+        """``KVM_PRE_FAULT_MEMORY`` (6.10+; spec/kvm-mmu-2.md §6).
+
+        Before 6.10 the vCPU ioctl does not exist: ``kvm_vcpu_ioctl`` passes the
+        number to x86 ``kvm_arch_vcpu_ioctl``, whose default is -EINVAL, with
+        TDP or shadow paging alike (§8).
+        """
+        if self.era < (6, 10):
+            raise KvmError(
+                errno.EINVAL, f"KVM_PRE_FAULT_MEMORY does not exist in kernel {self.era}"
+            )
         return int(self.mmu.pre_fault_memory(gpa, size))
 
     def zap_gfn_range(self, start: int, end: int) -> None:

@@ -85,7 +85,9 @@ def test_patch_version_behaves_as_its_release() -> None:
     assert e.value.errno == errno.EINVAL
 
 
-@pytest.mark.parametrize(("era", "name"), [("6.6.30", "4.2"), ("6.11-rc3", "6.11")])
+@pytest.mark.parametrize(
+    ("era", "name"), [("6.6.30", "6.6"), ("6.5.13", "5.19"), ("6.11-rc3", "6.11")]
+)
 def test_run_report_names_the_era_by_its_first_version(era: str, name: str) -> None:
     """docs/decisions.md "Eras": reports name the era by its first version and
     keep the version asked for as ``kernel``."""
@@ -94,7 +96,7 @@ def test_run_report_names_the_era_by_its_first_version(era: str, name: str) -> N
     )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
-    assert rep["era"] == name  # 6.6.x falls in VMX's 4.2-6.6 memtype era
+    assert rep["era"] == name  # vendor (memtype) and core boundaries together
     assert rep["kernel"] == era.split("-")[0]
 
 
@@ -105,13 +107,6 @@ def test_run_with_malformed_era_is_a_config_error() -> None:
     assert "not a kernel version" in str(res.exception)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an era older than the vendor's oldest (2.6.31 < 2.6.32) is accepted by VMConfig/VM "
-    "and `kvmmu run` runs the whole scenario, then dies in runner.ScenarioRun.era_name with "
-    "'internal error: ValueError' instead of a config error (cli.memtype_cmd validates with "
-    "era_of up front; run/compare do not). Fix belongs in runner.py/cli.py (not editable here).",
-)
 def test_run_with_era_older_than_modelled_is_a_config_error() -> None:
     res = CliRunner().invoke(
         cli, ["run", str(EXAMPLES / "small.toml"), "--vendor", "svm", "--era", "2.6.31"]
@@ -121,15 +116,6 @@ def test_run_with_era_older_than_modelled_is_a_config_error() -> None:
     assert "older than the oldest era" in str(res.exception)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reports name the era by the vendor's memtype boundaries only (runner.era_name uses "
-    "vendor.ERAS), so 6.13 (in-place huge-page recovery) is reported as era '6.12' on VMX and "
-    "6.12 (slot_zap_all, RET_PF_WRITE_PROTECTED retry) as '6.11' on SVM: two versions whose "
-    "behaviour differs get the same era name and `compare --eras 6.12,6.13` labels both "
-    "'vmx@6.12'. Fix: era_name should use the union of the vendor's ERAS and the core's "
-    "boundaries (5.15, 6.12, 6.13 ...); runner.py is not editable here.",
-)
 @pytest.mark.parametrize(
     ("vendor", "before", "first"), [("vmx", "6.12", "6.13"), ("svm", "6.11", "6.12")]
 )
@@ -257,11 +243,6 @@ def test_pre_fault_memory_does_not_exist_before_6_10(vendor: str, era: str) -> N
     assert vm.mmu.translate(0x5000) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shadow paging: ShadowMmu.pre_fault_memory (core/mmu/shadow.py, not editable here) "
-    "answers EOPNOTSUPP in every era; before 6.10 the ioctl does not exist (EINVAL)",
-)
 def test_pre_fault_memory_shadow_before_6_10_is_unknown_ioctl() -> None:
     vm = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", era="6.9", tdp=False))
     with pytest.raises(KvmError) as e:
@@ -363,12 +344,6 @@ def test_set_user_memory_region2_available_from_6_8(vendor: str) -> None:
     assert vm.slot_of(0) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KVM_SET_USER_MEMORY_REGION2 is 6.8+ (§8 6.8); before, the VM ioctl is unknown and "
-    "x86 kvm_arch_vm_ioctl returns -ENOTTY. vm.set_user_memory_region2 accepts it in every era: "
-    "Memslots() is built without the era (core/vm.py, not editable here).",
-)
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_set_user_memory_region2_does_not_exist_before_6_8(vendor: str) -> None:
     vm = kvmmu.VM(kvmmu.VMConfig(vendor=vendor, era="6.7"))

@@ -203,10 +203,10 @@ def test_compare_same_vendor_is_equal(tmp_path: Path) -> None:
 
 
 def test_compare_eras_shows_memtype_change() -> None:
-    """6.8 (6.7 era) vs 6.16 under noncoherent-free VMX: both WB|IPAT for RAM."""
-    out = _kvmmu("compare", str(SMALL), "--vendors", "vmx", "--eras", "6.8,6.16", "--json")
+    """6.9 (the 6.8 era: VMX's 6.7 memtype row, the core's REGION2) vs 6.16."""
+    out = _kvmmu("compare", str(SMALL), "--vendors", "vmx", "--eras", "6.9,6.16", "--json")
     res = json.loads(out.stdout)
-    assert res["runs"] == ["vmx@6.7", "vmx@6.16"]
+    assert res["runs"] == ["vmx@6.8", "vmx@6.16"]
 
 
 def test_docs_schema_files_are_current(monkeypatch: pytest.MonkeyPatch) -> None:

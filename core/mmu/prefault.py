@@ -69,12 +69,6 @@ class PrefaultMixin(FaultMixin):
         emulate), EFAULT (no host mapping), EAGAIN (memslot being changed),
         EINTR (retry did not end), EIO.
         """
-        era = getattr(self.vm, "era", None)
-        if era is not None and era < (6, 10):
-            # KVM_PRE_FAULT_MEMORY is 6.10+ (spec/kvm-mmu-2.md §6, §8). Before,
-            # kvm_vcpu_ioctl passes the unknown number to x86
-            # kvm_arch_vcpu_ioctl, whose default case is -EINVAL.
-            raise KvmError(errno.EINVAL, f"KVM_PRE_FAULT_MEMORY does not exist in kernel {era}")
         if size == 0 or gpa % 4096 or size % 4096 or gpa + size > (1 << 64) - 1:
             raise KvmError(errno.EINVAL, f"pre_fault_memory: bad range gpa={gpa:#x} size={size:#x}")
         done = 0
