@@ -119,6 +119,25 @@ class PageTrack:
                     )
         return out
 
+    def external_users(self) -> list[str]:
+        """The plugins that are page-track notifier nodes right now.
+
+        A plugin implementing ``kvmmu_track_write`` or
+        ``kvmmu_track_remove_region`` is a registered node
+        (``kvm_page_track_register_notifier``), unless it says otherwise with a
+        false ``page_track_registered`` attribute (KVMGT registers its node
+        only while a vGPU is attached).
+        """
+        host = self.vm.plugins
+        names: list[str] = []
+        for hook in ("kvmmu_track_write", "kvmmu_track_remove_region"):
+            for name, _fn, _args in host.impls(hook):
+                obj = host.get(name)
+                registered = obj is not None and getattr(obj, "page_track_registered", True)
+                if registered and name not in names:
+                    names.append(name)
+        return names
+
     def track_write(self, gpa: int, new: bytes) -> None:
         """``kvm_page_track_write``: notifiers newest first, then the shadow MMU.
 

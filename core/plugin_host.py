@@ -303,7 +303,7 @@ class PluginHost:
         results: list[Any] = []
         first_err: BaseException | None = None
         for name, fn, argnames in self.impls(hook):
-            if name not in self._by_name:
+            if not self._live(name, fn):
                 continue  # unregistered during this walk
             try:
                 r = self._invoke(hook, name, fn, argnames, kwargs)
@@ -355,9 +355,8 @@ class PluginHost:
         plan = self._plans.get(hook)
         if plan is None:
             plan = self._plan(hook)
-        by_name = self._by_name
         for name, fn, order in plan:
-            if name not in by_name:
+            if not self._live(name, fn):
                 continue  # unregistered during this walk
             try:
                 r = fn(*args) if order is None else fn(*[args[i] for i in order])
@@ -372,5 +371,19 @@ class PluginHost:
     def iter_results(self, hook: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Yield ``(plugin name, result)`` for reports and invariant checks."""
         for name, fn, argnames in self.impls(hook):
-            if name in self._by_name:
+            if self._live(name, fn):
                 yield name, self._invoke(hook, name, fn, argnames, kwargs)
+
+    def _live(self, name: str, fn: Callable[..., Any]) -> bool:
+        """Whether ``fn``'s plugin is still the one registered as ``name``.
+
+        A walk uses the implementation list it started with; a plugin
+        unregistered meanwhile is skipped even if another object took its
+        name (SRCU: nothing is called after ``unregister`` returns,
+        spec/kvm-mmu.md §2.1).
+        """
+        obj = self._by_name.get(name)
+        if obj is None:
+            return False
+        owner = getattr(fn, "__self__", None)
+        return owner is None or owner is obj

@@ -79,14 +79,6 @@ def test_notifier_unregistering_itself_in_its_callback() -> None:
     assert names(log) == ["once", "old", "old"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plugin_host.PluginHost.call skips a node unregistered during the walk "
-    "by *name* only: when a callback unregisters 'old' and registers a new object "
-    "under the same name, the walk still calls the unregistered object's hook "
-    "(spec §2.1: hlist_del_rcu + synchronize_srcu, no call after unregister "
-    "returns; the new node is added at the head, outside this walk)",
-)
 def test_unregistered_node_not_called_even_if_its_name_is_reused() -> None:
     vm = make_vm()
     log: list[Any] = []
@@ -317,14 +309,6 @@ def test_flags_only_keeps_tracking_move_drops_it_and_huge_pages_come_back() -> N
     assert vm.check_invariants() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the core does not refuse MOVE while a page-track notifier (a plugin "
-    "implementing kvmmu_track_write / kvmmu_track_remove_region) is registered; only "
-    "the kvmgt plugin vetoes it. kvm_arch_prepare_memory_region returns -EINVAL for "
-    "KVM_MR_MOVE whenever kvm_page_track_has_external_user(kvm), i.e. the notifier "
-    "list is non-empty (c70934e0ab2d; spec §1.5, §2.5)",
-)
 def test_move_is_refused_while_any_notifier_is_registered() -> None:
     vm = make_vm()
     vm.register_plugin(Rec(vm, [], "r"), "r")

@@ -217,15 +217,33 @@ def test_slot_delete_calls_track_remove_region_and_drops_counts() -> None:
     assert vm.page_track.count(GFN) == 0
 
 
-def test_slot_move_starts_with_fresh_counts_and_no_remove_region() -> None:
+def test_slot_move_starts_with_fresh_counts() -> None:
+    """MOVE resets the arch metadata, write-track counts included (§2.5)."""
+    vm = make_vm()
+    vm.write_track_add_gfn(GFN)
+    vm.set_user_memory_region(0, 0, 64 << 20, 16 << 20, RAM_HVA)  # MOVE
+    assert vm.page_track.count((64 << 20 >> 12) + GFN) == 0
+    assert vm.check_invariants() == []
+
+
+def test_slot_move_with_a_notifier_refused_from_6_6_and_no_remove_region_before() -> None:
+    """6.6+: kvm_arch_prepare_memory_region refuses MOVE while any external
+    tracker is registered (kvm_page_track_has_external_user). Before 6.6 the
+    MOVE goes through and is not a DELETE: no remove_region call."""
     vm = make_vm()
     log: list[tuple[str, Any]] = []
     vm.register_plugin(Recorder(vm, log, "r"), "r")
-    vm.write_track_add_gfn(GFN)
-    vm.set_user_memory_region(0, 0, 64 << 20, 16 << 20, RAM_HVA)  # MOVE
+    with pytest.raises(kvmmu.KvmError) as ei:
+        vm.set_user_memory_region(0, 0, 64 << 20, 16 << 20, RAM_HVA)
+    assert ei.value.errno == errno.EINVAL and "r" in str(ei.value)
+    assert vm.slot_of(0) is not None
+    old = make_vm(era="6.5")
+    old.register_plugin(Recorder(old, log, "r"), "r")
+    old.write_track_add_gfn(GFN)
+    old.set_user_memory_region(0, 0, 64 << 20, 16 << 20, RAM_HVA)  # MOVE
     assert not any(e[1][0] == "remove_region" for e in log if isinstance(e[1], tuple))
-    assert vm.page_track.count((64 << 20 >> 12) + GFN) == 0
-    assert vm.check_invariants() == []
+    assert old.page_track.count((64 << 20 >> 12) + GFN) == 0
+    assert old.check_invariants() == []
 
 
 def test_kvmgt_style_veto_of_move_changes_nothing() -> None:

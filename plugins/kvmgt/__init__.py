@@ -9,7 +9,6 @@ emulated guest writes arrive through ``kvmmu_track_write`` (spec/consumers.md
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING, Any
 
 from kvmmu.errors import KvmError
@@ -95,23 +94,12 @@ class KvmgtPlugin:
                 if v.attached:
                     v.remove_region(gfn, nr_pages)
 
-    @hookimpl
-    def kvmmu_memslot_prepare(
-        self, vm: VM, old: Memslot | None, new: Memslot | None, change: MemslotChange
-    ) -> None:
-        """K10: a MOVE is refused with EINVAL while a vGPU is attached (``c70934e0ab2d``).
-
-        The refusal is part of the 6.6 page-track rework (spec/kvm-mmu.md §2.2,
-        §2.5; spec/kvm-mmu-2.md §8): before 6.6 the MOVE goes through and KVM
-        calls ``track_flush_slot`` (see :meth:`kvmmu_memslot_commit`).
-        """
-        if vm.era < (6, 6):
-            return
-        if change.name == "MOVE" and self.gvt is not None and self.gvt.attached_vgpus():
-            raise KvmError(
-                errno.EINVAL,
-                "memslot MOVE refused: KVMGT is attached (kvm_page_track_has_external_user, K10)",
-            )
+    @property
+    def page_track_registered(self) -> bool:
+        """KVMGT's page-track node is registered only while a vGPU is attached
+        (``kvmgt_open_device`` .. ``kvmgt_close_device``). From 6.6 the core
+        refuses a memslot MOVE while it is (K10, ``c70934e0ab2d``)."""
+        return self.gvt is not None and bool(self.gvt.attached_vgpus())
 
     @hookimpl
     def kvmmu_memslot_commit(
@@ -121,7 +109,8 @@ class KvmgtPlugin:
         §2.1, §2.5): ``kvmgt_page_track_flush_slot`` drops the protect entries
         of the old slot (its ``kvm_slot_page_track_remove_page`` calls hit
         counts the MOVE discards anyway). DELETE already arrives as
-        ``kvmmu_track_remove_region``; from 6.6 a MOVE is refused above.
+        ``kvmmu_track_remove_region``; from 6.6 the core refuses a MOVE while
+        the node is registered (:attr:`page_track_registered`).
         """
         if vm.era >= (6, 6) or change.name != "MOVE" or old is None or self.gvt is None:
             return
