@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from kvmmu import paging
@@ -75,6 +75,24 @@ class AccessResult:
     emulated: bool = False
     exit: str | None = None
     exits: int = 0
+
+
+@dataclass
+class _Resolved:
+    """Where :meth:`VCpu._resolve` left one page of an access.
+
+    ``result`` set: the access ended (a guest fault). ``emulate``: the fault
+    path said EMULATE for ``gpa``. Otherwise the SPTE (``spte``, ``level``)
+    allows the access to ``gpa``. ``exits``: VM exits taken on the way.
+    """
+
+    gpa: int | None
+    exits: int
+    spte: int = 0
+    level: int = 0
+    guest_pat: Any = None
+    emulate: bool = False
+    result: AccessResult | None = None
 
 
 class VCpu:
@@ -321,6 +339,9 @@ class VCpu:
         first = min(size, PAGE_SIZE - (gva & (PAGE_SIZE - 1)))
         if first == size:
             return self._access_page(gva, kind, size, data)
+        if not self.vm.mmu.shadow:
+            return self._access_crossing(gva, kind, size, data, first)
+        # Shadow paging: the shadow MMU takes each half in turn (see docs/shadow.md).
         a = self._access_page(gva, kind, first, data[:first] if data else None)
         if a.fault is not None:
             return a
@@ -340,6 +361,22 @@ class VCpu:
         )
 
     def _access_page(self, gva: int, kind: Kind, size: int, data: bytes | None) -> AccessResult:
+        """One access inside a page: resolve the translation, then touch or emulate."""
+        mmu = self.vm.mmu
+        if mmu.shadow:
+            return mmu.access(self, gva, kind, size, data)
+        res = self._resolve(gva, kind)
+        if res.result is not None:
+            return res.result
+        assert res.gpa is not None
+        if res.emulate:
+            return self._emulate(gva, res.gpa, kind, size, data, res.exits)
+        return self._native(gva, kind, size, data, res)
+
+    def _resolve(self, gva: int, kind: Kind) -> _Resolved:
+        """Run the guest walk and the TDP fault loop for ``gva`` until the SPTE
+        allows the access, the fault path says EMULATE, or the guest faults
+        (``kvm_mmu_page_fault`` per exit; nothing is read or written here)."""
         from kvmmu.emulate import retry_instead_of_emulate
         from kvmmu.memtype import pat_index, pat_type
         from kvmmu.mmu import RET_PF_EMULATE
@@ -349,8 +386,6 @@ class VCpu:
         write = kind == "write"
         fetch = kind == "fetch"
         exits = 0
-        if mmu.shadow:
-            return mmu.access(self, gva, kind, size, data)
         while True:
             guest_pat = None
             if self.cr0 & paging.CR0_PG:
@@ -359,7 +394,9 @@ class VCpu:
                     vm.stats["guest_page_faults"] += 1
                     fault = GuestFault(w.vector or 14, w.error_code, gva)
                     self._trace(kind, gva, None, None, None, None, "guest_fault")
-                    return AccessResult(None, fault, None, None, None, exits=exits)
+                    return _Resolved(
+                        None, exits, result=AccessResult(None, fault, None, None, None, exits=exits)
+                    )
                 if w.ad_writes:
                     self._apply_ad(w.ad_writes)
                 assert w.gpa is not None
@@ -369,19 +406,7 @@ class VCpu:
                 gpa = gva & 0xFFFFFFFF if not self.efer & paging.EFER_LMA else gva
             hit = mmu.translate(gpa)
             if hit is not None and mmu.access_allowed(hit[0], write, fetch, self.cpl == 3):
-                spte, level = hit
-                hpa = mmu.spte_hpa(spte, level, gpa)
-                out = self._touch(hpa, size, data)
-                if write and self.pml.size and not spte & mmu.fmt.dirty_mask:
-                    # The CPU sets D on the leaf and, with PML on, logs the gpa
-                    # (spec/kvm-mmu-2.md §7.2; kvmmu.pml).
-                    self.pml.log(gpa)
-                mmu.hw_mark_accessed(gpa, write)
-                memtype = vm.hooks.effective_memtype(self, spte, guest_pat, hpa)
-                self._trace(kind, gva, gpa, hpa, spte, memtype.label, "ok")
-                vm.stats["accesses"] += 1
-                vm.note_memtype(gpa, memtype, spte)
-                return AccessResult(out, None, gpa, hpa, memtype, spte, level, exits=exits)
+                return _Resolved(gpa, exits, spte=hit[0], level=hit[1], guest_pat=guest_pat)
             exits += 1
             # vmx_handle_exit: every exit first moves the PML log to the bitmap.
             self.pml.flush()
@@ -394,7 +419,110 @@ class VCpu:
                 # instead (cr2_or_gpa is the gpa under TDP).
                 if retry_instead_of_emulate(self, gpa, gpa, write):
                     continue
-                return self._emulate(gva, gpa, kind, size, data, exits)
+                return _Resolved(gpa, exits, emulate=True)
+
+    def _native(
+        self, gva: int, kind: Kind, size: int, data: bytes | None, res: _Resolved
+    ) -> AccessResult:
+        """The CPU completes the access through the SPTE ``res`` found."""
+        vm = self.vm
+        mmu = vm.mmu
+        write = kind == "write"
+        gpa, spte, level = res.gpa, res.spte, res.level
+        assert gpa is not None
+        hpa = mmu.spte_hpa(spte, level, gpa)
+        out = self._touch(hpa, size, data)
+        if write and self.pml.size and not spte & mmu.fmt.dirty_mask:
+            # The CPU sets D on the leaf and, with PML on, logs the gpa
+            # (spec/kvm-mmu-2.md §7.2; kvmmu.pml).
+            self.pml.log(gpa)
+        mmu.hw_mark_accessed(gpa, write)
+        memtype = vm.hooks.effective_memtype(self, spte, res.guest_pat, hpa)
+        self._trace(kind, gva, gpa, hpa, spte, memtype.label, "ok")
+        vm.stats["accesses"] += 1
+        vm.note_memtype(gpa, memtype, spte)
+        return AccessResult(out, None, gpa, hpa, memtype, spte, level, exits=res.exits)
+
+    def _access_crossing(
+        self, gva: int, kind: Kind, size: int, data: bytes | None, first: int
+    ) -> AccessResult:
+        """A TDP access that crosses a page boundary, as one instruction.
+
+        A faulting x86 instruction commits nothing, so both halves are
+        translated (faults handled, the instruction re-executed) before
+        either is touched. If either half's fault says EMULATE, KVM emulates
+        the whole instruction: ``emulator_read_write`` splits it at the page
+        and each half goes through ``emulator_write_phys`` (a write lands,
+        then ``kvm_page_track_write`` runs), the untracked half included
+        (arch/x86/kvm/x86.c; spec/kvm-mmu.md §2.3 item 5). The emulator finds
+        a half's gpa by the guest walk alone, without faulting it in.
+        """
+        second = gva + first
+        d1, d2 = (data[:first], data[first:]) if data is not None else (None, None)
+        exits = 0
+        for _ in range(MAX_EXITS):
+            a = self._resolve(gva, kind)
+            exits += a.exits
+            if a.result is not None:
+                return replace(a.result, exits=exits)
+            assert a.gpa is not None
+            if a.emulate:
+                return self._emulate_halves(gva, kind, size, first, d1, d2, a.gpa, None, exits)
+            b = self._resolve(second, kind)
+            exits += b.exits
+            if b.result is not None:
+                return replace(b.result, exits=exits)
+            if b.emulate:
+                return self._emulate_halves(gva, kind, size, first, d1, d2, a.gpa, b.gpa, exits)
+            if b.exits:
+                continue  # the instruction re-executes: translate the first half again
+            ra = self._native(gva, kind, first, d1, a)
+            rb = self._native(second, kind, size - first, d2, b)
+            joined = (ra.data or b"") + (rb.data or b"") if kind != "write" else None
+            return replace(ra, data=joined, exits=exits)
+        raise KvmError(errno.EFAULT, f"page-crossing access at gva {gva:#x} did not converge")
+
+    def _emulate_halves(
+        self,
+        gva: int,
+        kind: Kind,
+        size: int,
+        first: int,
+        d1: bytes | None,
+        d2: bytes | None,
+        gpa1: int,
+        gpa2: int | None,
+        exits: int,
+    ) -> AccessResult:
+        """The emulator's two ``emulator_read_write_onepage`` calls, in order."""
+        second = gva + first
+        r1 = self._emulate(gva, gpa1, kind, first, d1, exits)
+        if gpa2 is None:
+            if self.cr0 & paging.CR0_PG:
+                w = self.walk(second, kind)  # kvm_mmu_gva_to_gpa_{read,write}
+                if w.fault:
+                    # the first half has landed; the emulator injects #PF
+                    self.vm.stats["guest_page_faults"] += 1
+                    fault = GuestFault(w.vector or 14, w.error_code, second)
+                    return AccessResult(None, fault, gpa1, None, None, emulated=True, exits=exits)
+                if w.ad_writes:
+                    self._apply_ad(w.ad_writes)
+                assert w.gpa is not None
+                gpa2 = w.gpa
+            else:
+                gpa2 = second & 0xFFFFFFFF if not self.efer & paging.EFER_LMA else second
+        r2 = self._emulate(second, gpa2, kind, size - first, d2, 0)
+        joined = (r1.data or b"") + (r2.data or b"") if kind != "write" else None
+        return AccessResult(
+            joined,
+            None,
+            gpa1,
+            None,
+            None,
+            emulated=True,
+            exit=r1.exit or r2.exit,
+            exits=exits,
+        )
 
     def _touch(self, hpa: int, size: int, data: bytes | None) -> bytes | None:
         host = self.vm.host

@@ -135,14 +135,6 @@ def test_each_write_size_passes_exact_gpa_and_new_after_the_bytes_land(tdp: bool
     assert vm.page_track.writes == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vcpu.access splits a page-crossing write before the fault, so only the "
-    "tracked half is emulated and notified. KVM emulates the whole instruction: "
-    "emulator_read_write splits it into two emulator_write_phys calls, each followed "
-    "by kvm_page_track_write, so the untracked half is notified too (x86.c; spec §2.3 "
-    "item 5); the hardware store does not commit part of a faulting write",
-)
 @pytest.mark.parametrize("tracked", [GFN, GFN + 1])
 def test_page_crossing_write_with_one_tracked_page_notifies_both_halves(tracked: int) -> None:
     vm = make_vm()

@@ -60,6 +60,38 @@ def test_access_crossing_a_page_is_split() -> None:
     assert vcpu.access(0x400FFC, "read", 8).data == b"ABCDEFGH"
 
 
+def test_page_crossing_write_faulting_on_the_second_page_writes_nothing() -> None:
+    """A faulting x86 instruction commits nothing: the guest #PF on the second
+    half leaves the first half's bytes unwritten, and CR2 is the second half."""
+    vm = make_vm()
+    _long_mode(vm)  # maps gva 0x400000..0x40FFFF
+    vcpu = vm.vcpus[0]
+    vm.write_guest(0x40FFFC, b"\x00" * 4)
+    r = vcpu.access(0x40FFFC, "write", 8, b"ABCDEFGH")
+    assert r.fault is not None and r.fault.vector == 14 and r.fault.address == 0x410000
+    assert vm.read_guest(0x40FFFC, 4) == b"\x00" * 4
+
+
+def test_page_crossing_read_into_mmio_is_emulated_whole() -> None:
+    """The second half hits no memslot: KVM emulates the instruction, reading
+    the RAM half from guest memory and the MMIO half from the device (or
+    all-ones, with an exit to userspace)."""
+    vm = make_vm(ram_size=1 << 20)
+    vm.write_guest(0xFFFFC, b"WXYZ")
+    r = vm.vcpus[0].access(0xFFFFC, "read", 8)  # paging off: gva = gpa
+    assert r.emulated and r.exit == "mmio"
+    assert r.data == b"WXYZ" + b"\xff" * 4
+
+
+def test_page_crossing_write_both_halves_native_after_faults() -> None:
+    vm = make_vm()
+    vcpu = vm.vcpus[0]
+    r = vcpu.access(0x1FFC, "write", 8, b"ABCDEFGH")
+    assert r.fault is None and not r.emulated and r.exits == 2  # one EPT violation per page
+    assert vm.read_guest(0x1FFC, 8) == b"ABCDEFGH"
+    assert vcpu.access(0x1FFC, "read", 8).exits == 0
+
+
 def test_unclaimed_mmio_read_is_all_ones_and_exits() -> None:
     vm = make_vm()
     r = vm.vcpus[0].access(0xF000_0000, "read", 4)  # paging off, no memslot
