@@ -73,7 +73,9 @@ __all__ = [
     "ReadPhys",
     "WalkResult",
     "canonical",
+    "load_pdptrs",
     "paging_mode",
+    "pdptr_rsvd_bits",
     "permission_error",
     "walk",
     "walk_batch",
@@ -213,13 +215,36 @@ def _mode_pae(
 ) -> PagingMode:
     """PAE paging: SDM Vol 3A §4.4, Tables 4-7 .. 4-11."""
     base = _bits(maxphyaddr, 62) | nx_rsvd
-    pdpte_rsvd = _bits(maxphyaddr, 63) | _bits(1, 2) | _bits(5, 8)
+    pdpte_rsvd = pdptr_rsvd_bits(maxphyaddr)
     levels = (
         LevelInfo(3, 30, 0x3, pdpte_rsvd, -1, PTE_RW | PTE_US, 0, False),
         LevelInfo(2, 21, 0x1FF, base, base | _bits(13, 20), 0, nx_bit, True),
         LevelInfo(1, 12, 0x1FF, base, -1, 0, nx_bit, True),
     )
     return PagingMode("pae", False, False, 3, _M64, _bits(5, 31), addr_mask, levels, fetch_flag)
+
+
+def pdptr_rsvd_bits(maxphyaddr: int) -> int:
+    """Reserved bits of a present PAE PDPTE: MAXPHYADDR..63, 8:5, 2:1 (SDM Vol 3A
+    Table 4-8; arch/x86/kvm/x86.c: ``pdptr_rsvd_bits``)."""
+    return _bits(maxphyaddr, 63) | _bits(1, 2) | _bits(5, 8)
+
+
+def load_pdptrs(read: Callable[[int], int | None], cr3: int, maxphyaddr: int) -> list[int] | None:
+    """``load_pdptrs`` (arch/x86/kvm/x86.c): the four PDPTEs of the 32-byte aligned
+    PDPT at ``cr3``, or None when the load fails and the cached copies stay.
+
+    It fails when the PDPT cannot be read (``read`` returns None:
+    ``kvm_vcpu_read_guest_page`` < 0) or a present PDPTE has a reserved bit
+    (:func:`pdptr_rsvd_bits`). MOV CR3 then #GPs; ``KVM_SET_SREGS`` ignores it.
+    """
+    base = cr3 & 0xFFFFFFE0
+    new = [read(base + 8 * k) for k in range(4)]
+    rsvd = pdptr_rsvd_bits(maxphyaddr)
+    pdptes = [p for p in new if p is not None]
+    if len(pdptes) != 4 or any(p & PTE_P and p & rsvd for p in pdptes):
+        return None
+    return pdptes
 
 
 def _mode_32bit(cr4: int, maxphyaddr: int, smep: bool) -> PagingMode:

@@ -253,18 +253,22 @@ class VCpu:
     def _load_pdptrs(self) -> None:
         """``load_pdptrs`` (x86.c) at a CR3 load or paging-mode change under PAE.
 
-        The four PDPTEs are read from the 32-byte aligned PDPT at CR3; a present
-        one with a reserved bit (MAXPHYADDR..63, 8:5, 2:1) fails the load and
-        the old copies stay (MOV CR3 would #GP; KVM_SET_SREGS ignores it).
+        A failed load (PDPT outside guest memory, or a present PDPTE with a
+        reserved bit: :func:`kvmmu.paging.load_pdptrs`) keeps the old copies
+        (MOV CR3 would #GP; KVM_SET_SREGS ignores it).
         """
         if not self._pae_paging():
             return
-        base = self.cr3 & 0xFFFFFFE0
-        new = [int.from_bytes(self.vm.read_guest(base + 8 * k, 8), "little") for k in range(4)]
-        rsvd = ((1 << 64) - (1 << self.vm.config.host_maxphyaddr)) | 0x1E0 | 0x6
-        if any(p & paging.PTE_P and p & rsvd for p in new):
-            return
-        self.pdptrs = new
+        new = paging.load_pdptrs(self._read_pdpte, self.cr3, self.vm.config.host_maxphyaddr)
+        if new is not None:
+            self.pdptrs = new
+
+    def _read_pdpte(self, gpa: int) -> int | None:
+        """One PDPTE from guest memory (``kvm_vcpu_read_guest_page``); None on failure."""
+        try:
+            return int.from_bytes(self.vm.read_guest(gpa, 8), "little")
+        except KvmError:
+            return None
 
     def _walk_read(self) -> Callable[[int], int]:
         """The guest-table reader for a walk: PAE with TDP on a CPU that keeps the

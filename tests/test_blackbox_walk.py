@@ -1137,6 +1137,24 @@ def test_npt_pae_guest_reads_the_pdpt_from_memory() -> None:
     assert r.fault is not None and (r.fault.vector, r.fault.error_code) == (14, 0)
 
 
+@pytest.mark.parametrize("tdp", [True, False])
+def test_unreadable_pdpt_fails_the_load_and_keeps_the_pdptes(tdp: bool) -> None:
+    """x86.c ``load_pdptrs``: a PDPT outside every memslot fails the read
+    (``kvm_vcpu_read_guest_page`` < 0), so the load fails; KVM_SET_SREGS ignores
+    that (the CR3 is set) and the PDPTEs loaded before stay in use."""
+    vm = make_vm(tdp=tdp, vendor="vmx")
+    vcpu = vm.vcpus[0]
+    pdpt, pd = 0x200000, 0x201000
+    put(vm, pdpt, pd | PTE_P)
+    put(vm, pd + 2 * 8, 0x400000 | PRW | PTE_PS)
+    vcpu.set_sregs(cr0=CR0_PG | CR0_WP | 0x11, cr3=pdpt, cr4=CR4_PAE, efer=EFER_NXE)
+    vcpu.set_sregs(cr3=0x40000000)  # 1 GiB: no memslot
+    assert vcpu.cr3 == 0x40000000
+    r = vcpu.access(0x400010, "read")
+    assert r.fault is None and r.gpa == 0x400010
+    assert vm.check_invariants() == []
+
+
 def test_vcpu_split_access_faults_at_the_second_page() -> None:
     """A fault on the second page of a split access reports that page's address."""
     vm, pt = guest(True)

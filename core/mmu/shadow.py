@@ -84,19 +84,13 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         """``load_pdptrs`` (x86.c): cache the 4 guest PDPTEs at CR3 load.
 
         The walker then uses the cached copies (``get_pdptr``). Returns True
-        if they changed (KVM then frees the current root). A reserved PDPTE
-        fails the load: the cached copies stay.
+        if they changed (KVM then frees the current root). A failed load (an
+        unreadable PDPT or a reserved PDPTE, :func:`kvmmu.paging.load_pdptrs`)
+        keeps the cached copies, so the walker goes on using them.
         """
         st = self.vstate(vcpu)
-        base = vcpu.cr3 & 0xFFFFFFE0
-        new = [self.read_gpte(base + 8 * k) or 0 for k in range(4)]
-        # x86.c load_pdptrs: a present PDPTE with a reserved bit
-        # (pdptr_rsvd_bits: MAXPHYADDR..63, 5..8, 1..2) fails the load and
-        # leaves mmu->pdptrs as they were (MOV CR3 then #GPs; KVM_SET_SREGS
-        # ignores the failure), so the walker keeps using the old copies.
-        maxphy = self.vm.config.host_maxphyaddr
-        rsvd = ((1 << 64) - (1 << maxphy)) | 0x1E0 | 0x6
-        if any(p & paging.PTE_P and p & rsvd for p in new):
+        new = paging.load_pdptrs(self.read_gpte, vcpu.cr3, self.vm.config.host_maxphyaddr)
+        if new is None:
             return False
         changed = new != st.pdptrs
         st.pdptrs = new
