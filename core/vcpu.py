@@ -329,10 +329,6 @@ class VCpu:
             raise ValueError(f"kind must be 'read', 'write' or 'fetch', got {kind!r}")
         if insn not in INSNS:
             raise ValueError(f"insn must be one of {sorted(INSNS)}, got {insn!r}")
-        if rip is None:
-            self._insn_seq += 1
-            rip = -self._insn_seq
-        self.insn_rip, self.insn = rip, insn
         if not 1 <= size <= PAGE_SIZE:
             raise ValueError(f"size must be 1..{PAGE_SIZE}, got {size}")
         if kind == "write":
@@ -340,6 +336,11 @@ class VCpu:
                 raise ValueError(f"a write needs data of exactly {size} bytes")
         elif data is not None:
             raise ValueError("data is only for writes")
+        # Only a valid access becomes the vCPU's current instruction.
+        if rip is None:
+            self._insn_seq += 1
+            rip = -self._insn_seq
+        self.insn_rip, self.insn = rip, insn
         first = min(size, PAGE_SIZE - (gva & (PAGE_SIZE - 1)))
         if first == size:
             return self._access_page(gva, kind, size, data)

@@ -188,3 +188,16 @@ def test_insn_must_be_known() -> None:
     vm = make_tdp_vm()
     with pytest.raises(ValueError, match="insn must be one of"):
         vm.vcpus[0].access(0x1000, "write", 1, b"x", insn="cmpxchg")  # type: ignore[arg-type]
+
+
+def test_refused_access_does_not_become_the_current_instruction() -> None:
+    """Bad input changes nothing: an access refused for its size or data is
+    not the instruction the retry guard (last_retry_eip) compares next."""
+    vm = make_tdp_vm()
+    v = vm.vcpus[0]
+    v.access(0x1000, "write", 1, b"x", insn="stos", rip=0x1000)
+    with pytest.raises(ValueError, match="exactly 8 bytes"):
+        v.access(0x1000, "write", 8, b"x", insn="xchg", rip=0x2000)
+    with pytest.raises(ValueError, match="size must be"):
+        v.access(0x1000, "read", 0)
+    assert (v.insn_rip, v.insn) == (0x1000, "stos")
