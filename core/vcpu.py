@@ -90,7 +90,7 @@ class _Resolved:
     exits: int
     spte: int = 0
     level: int = 0
-    guest_pat: Any = None
+    guest_pat: MemType | None = None
     emulate: bool = False
     result: AccessResult | None = None
 
