@@ -62,16 +62,17 @@ def test_pml_is_off_by_default_and_512_entries_when_asked() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cfg", "where"),
+    ("cfg", "got"),
     [
-        ({"tdp": False}, "plugins.vmx.pml"),  # enable_pml needs EPT
-        ({"era": "3.19"}, "plugins.vmx.pml"),  # PML support came with 4.0
+        ({"tdp": False}, "got tdp = false"),  # enable_pml needs EPT
+        ({"era": "3.19"}, "got era 3.19"),  # PML support came with 4.0
     ],
 )
-def test_pml_refused_without_ept_or_before_4_0(cfg: dict[str, Any], where: str) -> None:
+def test_pml_refused_without_ept_or_before_4_0(cfg: dict[str, Any], got: str) -> None:
+    """The error names the option, what it needs, and which requirement failed."""
     with pytest.raises(ConfigError) as ei:
         kvmmu.VM(kvmmu.VMConfig(vendor="vmx", plugins={"vmx": {"pml": True}}, **cfg))
-    assert where in str(ei.value)
+    assert "plugins.vmx.pml" in str(ei.value) and got in str(ei.value)
 
 
 def test_pml_refused_without_ept_ad_bits() -> None:

@@ -154,7 +154,10 @@ class VmxPlugin:
         if self.config.pml and (not vm.config.tdp or vm.era < (4, 0)):
             # enable_pml needs EPT (vmx.c hardware_setup); PML support came with
             # Kai Huang's 2015 series for 4.0 (the release is from memory).
-            raise ConfigError([("plugins.vmx.pml", "PML needs EPT (tdp = true) and a 4.0+ era")])
+            got = "tdp = false" if not vm.config.tdp else f"era {vm.era}"
+            raise ConfigError(
+                [("plugins.vmx.pml", f"PML needs EPT (tdp = true) and a 4.0+ era; got {got}")]
+            )
         # A VM's kernel era never changes: resolve it once, not on every fault
         # (era_of re-parsed the version on each get_mt_mask call).
         #: The spec/memtype.md §7 row of ``vm.era``.
