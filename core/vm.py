@@ -291,7 +291,11 @@ class VM:
             assert old is not None
             self.memslots.install_invalid(prep)
             self.mmu.flush_shadow_memslot(old)
-            if change is MemslotChange.DELETE:
+            # kvm_page_track_delete_slot (6.6+, DELETE only); before 6.6
+            # kvm_page_track_flush_slot ran for MOVE too (spec/kvm-mmu.md §2.5,
+            # "Old API": track_flush_slot on move or removal), modelled by the
+            # same hook with the old slot's range.
+            if change is MemslotChange.DELETE or self.era < (6, 6):
                 self.page_track.remove_region(old)
         committed = self.memslots.commit(prep)
         self.mmu.slot_apply_flags(old, committed, change)

@@ -18,7 +18,6 @@ from kvmmu.plugins.kvmgt.device import GpuFault, GvtDevice, Vgpu
 from kvmmu.plugins.kvmgt.ggtt import GGTT_START_OFFSET
 
 if TYPE_CHECKING:
-    from kvmmu.memslot import Memslot, MemslotChange
     from kvmmu.vm import VM
 
 __all__ = ["BAR0_SIZE", "GpuFault", "KvmgtConfig", "KvmgtPlugin", "Vgpu"]
@@ -100,23 +99,6 @@ class KvmgtPlugin:
         (``kvmgt_open_device`` .. ``kvmgt_close_device``). From 6.6 the core
         refuses a memslot MOVE while it is (K10, ``c70934e0ab2d``)."""
         return self.gvt is not None and bool(self.gvt.attached_vgpus())
-
-    @hookimpl
-    def kvmmu_memslot_commit(
-        self, vm: VM, old: Memslot | None, new: Memslot | None, change: MemslotChange
-    ) -> None:
-        """Before 6.6 a MOVE reaches ``kvm_page_track_flush_slot`` (spec/kvm-mmu.md
-        §2.1, §2.5): ``kvmgt_page_track_flush_slot`` drops the protect entries
-        of the old slot (its ``kvm_slot_page_track_remove_page`` calls hit
-        counts the MOVE discards anyway). DELETE already arrives as
-        ``kvmmu_track_remove_region``; from 6.6 the core refuses a MOVE while
-        the node is registered (:attr:`page_track_registered`).
-        """
-        if vm.era >= (6, 6) or change.name != "MOVE" or old is None or self.gvt is None:
-            return
-        for v in self.gvt.vgpus:
-            if v.attached:
-                v.remove_region(old.base_gfn, old.npages)
 
     def _bar0_offset(self, gpa: int) -> int | None:
         off = gpa - self.cfg.bar0_gpa
