@@ -181,11 +181,15 @@ def _guest_write(vm: Any, op: dict[str, Any]) -> StepGen:
             # maps it writable (§3.12) before the store goes through. Writing
             # past the write-protection would leave a synced sp stale.
             yield from _mmu_lock(vm)
-            unsync(slot, gfn, True, False)
+            if unsync(slot, gfn, True, False) == 0:
+                vm.write_guest(gpa, data)
+                return "unsync-store"
+            # The gfn became write-tracked (an upper-level sp was made for it)
+            # while the store waited: -EPERM, the SPTE stays read-only and the
+            # store is emulated instead (spec/kvm-mmu.md §2.3 items 2 and 5).
+        else:
             vm.write_guest(gpa, data)
-            return "unsync-store"
-        vm.write_guest(gpa, data)
-        return "store"
+            return "store"
     vm.write_guest_kvm(gpa, data)
     yield "emulated-store"
     vm.page_track.track_write(gpa, data)

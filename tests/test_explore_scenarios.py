@@ -178,3 +178,43 @@ def test_three_ops_zap_waits_for_the_faults_mmu_lock() -> None:
     assert res.violations == []
     assert any("zap:wait(mmu_lock)" in s for s in res.completed)
     assert all(s[-1].split(":")[1].startswith("done") for s in res.completed)
+
+
+def test_guest_store_waiting_for_mmu_lock_is_emulated_if_the_gfn_got_tracked() -> None:
+    """A store to a shadowed last-level guest table waits for mmu_lock to
+    unsync it (spec/kvm-mmu.md §3.12); if the gfn became write-tracked
+    meanwhile, mmu_try_to_unsync_pages says -EPERM and the store is emulated
+    (bytes land, then kvm_page_track_write), never written past the protection."""
+    import copy
+
+    import kvmmu
+    from kvmmu.explore import Wait
+    from kvmmu.explore_scenarios import VmInstance, builtin_scenario_dict
+
+    d = copy.deepcopy(builtin_scenario_dict("race-2010"))
+    d["op"] = [{"name": "w", "kind": "guest_write", "gpa": 0x4010, "value": 0x1234}]
+    inst = VmInstance(d, "fixed")
+    vm = inst.vm
+    assert vm.vcpus[0].access(0x201000).fault is None  # shadows PT 0x4000 (last level)
+    assert vm.mmu.gfn_sps.get(4)
+    seen: list[int] = []
+
+    class Notifier:
+        @kvmmu.hookimpl
+        def kvmmu_track_write(self, gpa: int) -> None:
+            seen.append(gpa)
+
+    vm.register_plugin(Notifier(), "n")
+    vm.mmu._mmu_lock_owner = object()  # a suspended fault holds mmu_lock
+    gen = inst.ops[0][1]
+    assert isinstance(next(gen), Wait)
+    vm.write_track_add_gfn(4)  # meanwhile the gfn is tracked
+    vm.mmu._mmu_lock_owner = None
+    steps = []
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    assert result == "track_write" and seen == [0x4010]
+    assert vm.read_guest(0x4010, 8) == (0x1234).to_bytes(8, "little")
