@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "DEFAULT_SCENARIO",
     "Scenario",
+    "deep_merge",
     "is_scenario_file",
     "load_scenario",
     "parse_scenario",
@@ -297,14 +298,15 @@ class Scenario(_Model):
         """The VM config, under ``vendor``/``era`` overrides when given."""
         data = {**self.vm, **{k: v for k, v in overrides.items() if v is not None}}
         vendor = data.get("vendor", "vmx")
-        return parse_config(_deep_merge(data, self.vendor_overrides.get(vendor, {})))
+        return parse_config(deep_merge(data, self.vendor_overrides.get(vendor, {})))
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``, tables key by key."""
     out = dict(base)
     for k, v in over.items():
         out[k] = (
-            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         )
     return out
 

@@ -16,7 +16,7 @@ import tomllib
 from typing import Any
 
 from kvmmu.errors import ConfigError
-from kvmmu.scenario import Scenario, _deep_merge, parse_scenario, source_of
+from kvmmu.scenario import Scenario, deep_merge, parse_scenario, source_of
 
 __all__ = ["Variant", "apply_settings", "parse_setting", "parse_variant"]
 
@@ -98,7 +98,7 @@ def apply_settings(sc: Scenario, settings: dict[str, Any], what: str = "--set") 
     except ValueError as e:
         raise ConfigError([(what, str(e))], source) from None
     data = sc.model_dump(exclude_unset=True)
-    data["vm"] = _deep_merge(dict(sc.vm), over)
+    data["vm"] = deep_merge(dict(sc.vm), over)
     try:
         out = parse_scenario(data, source)
     except ConfigError as e:
