@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kvmmu.memtype import MemType
     from kvmmu.vm import VM
 
-__all__ = ["AccessResult", "Kind", "TraceEvent", "VCpu"]
+__all__ = ["AccessResult", "Kind", "Resolved", "TraceEvent", "VCpu"]
 
 Kind = Literal["read", "write", "fetch"]
 
@@ -78,8 +78,9 @@ class AccessResult:
 
 
 @dataclass
-class _Resolved:
-    """Where :meth:`VCpu._resolve` left one page of an access.
+class Resolved:
+    """Where a resolve step (:meth:`VCpu._resolve`, or the shadow MMU's
+    ``resolve``) left one page of an access.
 
     ``result`` set: the access ended (a guest fault). ``emulate``: the fault
     path said EMULATE for ``gpa``. Otherwise the SPTE (``spte``, ``level``)
@@ -93,6 +94,8 @@ class _Resolved:
     guest_pat: MemType | None = None
     emulate: bool = False
     result: AccessResult | None = None
+    #: the shadow MMU's (shadow page, index) of the leaf SPTE
+    sp: tuple[Any, int] | None = None
 
 
 class VCpu:
@@ -344,41 +347,28 @@ class VCpu:
         first = min(size, PAGE_SIZE - (gva & (PAGE_SIZE - 1)))
         if first == size:
             return self._access_page(gva, kind, size, data)
-        if not self.vm.mmu.shadow:
-            return self._access_crossing(gva, kind, size, data, first)
-        # Shadow paging: the shadow MMU takes each half in turn (see docs/shadow.md).
-        a = self._access_page(gva, kind, first, data[:first] if data else None)
-        if a.fault is not None:
-            return a
-        b = self._access_page(gva + first, kind, size - first, data[first:] if data else None)
-        joined = (a.data or b"") + (b.data or b"") if kind != "write" else None
-        return AccessResult(
-            data=joined if b.fault is None else None,
-            fault=b.fault,
-            gpa=a.gpa,
-            hpa=a.hpa,
-            memtype=a.memtype,
-            spte=a.spte,
-            level=a.level,
-            emulated=a.emulated or b.emulated,
-            exit=a.exit or b.exit,
-            exits=a.exits + b.exits,
-        )
+        return self._access_crossing(gva, kind, size, data, first)
 
     def _access_page(self, gva: int, kind: Kind, size: int, data: bytes | None) -> AccessResult:
         """One access inside a page: resolve the translation, then touch or emulate."""
-        mmu = self.vm.mmu
-        if mmu.shadow:
-            return mmu.access(self, gva, kind, size, data)
         res = self._resolve(gva, kind)
         if res.result is not None:
             return res.result
         assert res.gpa is not None
         if res.emulate:
-            return self._emulate(gva, res.gpa, kind, size, data, res.exits)
+            return self._emulate_as_mmu(gva, res.gpa, kind, size, data, res.exits)
         return self._native(gva, kind, size, data, res)
 
-    def _resolve(self, gva: int, kind: Kind) -> _Resolved:
+    def _emulate_as_mmu(
+        self, gva: int, gpa: int, kind: Kind, size: int, data: bytes | None, exits: int
+    ) -> AccessResult:
+        """The emulator, entered the way the vCPU's MMU enters it."""
+        mmu = self.vm.mmu
+        if mmu.shadow:
+            return mmu.emulate(self, gva, gpa, kind, size, data, exits)
+        return self._emulate(gva, gpa, kind, size, data, exits)
+
+    def _resolve(self, gva: int, kind: Kind) -> Resolved:
         """Run the guest walk and the TDP fault loop for ``gva`` until the SPTE
         allows the access, the fault path says EMULATE, or the guest faults
         (``kvm_mmu_page_fault`` per exit; nothing is read or written here)."""
@@ -388,6 +378,8 @@ class VCpu:
 
         vm = self.vm
         mmu = vm.mmu
+        if mmu.shadow:
+            return mmu.resolve(self, gva, kind)
         write = kind == "write"
         fetch = kind == "fetch"
         exits = 0
@@ -399,7 +391,7 @@ class VCpu:
                     vm.stats["guest_page_faults"] += 1
                     fault = GuestFault(w.vector or 14, w.error_code, gva)
                     self._trace(kind, gva, None, None, None, None, "guest_fault")
-                    return _Resolved(
+                    return Resolved(
                         None, exits, result=AccessResult(None, fault, None, None, None, exits=exits)
                     )
                 if w.ad_writes:
@@ -411,7 +403,7 @@ class VCpu:
                 gpa = gva & 0xFFFFFFFF if not self.efer & paging.EFER_LMA else gva
             hit = mmu.translate(gpa)
             if hit is not None and mmu.access_allowed(hit[0], write, fetch, self.cpl == 3):
-                return _Resolved(gpa, exits, spte=hit[0], level=hit[1], guest_pat=guest_pat)
+                return Resolved(gpa, exits, spte=hit[0], level=hit[1], guest_pat=guest_pat)
             exits += 1
             # vmx_handle_exit: every exit first moves the PML log to the bitmap.
             self.pml.flush()
@@ -424,14 +416,16 @@ class VCpu:
                 # instead (cr2_or_gpa is the gpa under TDP).
                 if retry_instead_of_emulate(self, gpa, gpa, write):
                     continue
-                return _Resolved(gpa, exits, emulate=True)
+                return Resolved(gpa, exits, emulate=True)
 
     def _native(
-        self, gva: int, kind: Kind, size: int, data: bytes | None, res: _Resolved
+        self, gva: int, kind: Kind, size: int, data: bytes | None, res: Resolved
     ) -> AccessResult:
         """The CPU completes the access through the SPTE ``res`` found."""
         vm = self.vm
         mmu = vm.mmu
+        if mmu.shadow:
+            return mmu.complete(self, gva, kind, size, data, res)
         write = kind == "write"
         gpa, spte, level = res.gpa, res.spte, res.level
         assert gpa is not None
@@ -451,7 +445,7 @@ class VCpu:
     def _access_crossing(
         self, gva: int, kind: Kind, size: int, data: bytes | None, first: int
     ) -> AccessResult:
-        """A TDP access that crosses a page boundary, as one instruction.
+        """An access that crosses a page boundary, as one instruction (TDP or shadow).
 
         A faulting x86 instruction commits nothing, so both halves are
         translated (faults handled, the instruction re-executed) before
@@ -501,7 +495,7 @@ class VCpu:
     ) -> AccessResult:
         """The emulator's two ``emulator_read_write_onepage`` calls, in order."""
         second = gva + first
-        r1 = self._emulate(gva, gpa1, kind, first, d1, exits)
+        r1 = self._emulate_as_mmu(gva, gpa1, kind, first, d1, exits)
         if gpa2 is None:
             if self.cr0 & paging.CR0_PG:
                 w = self.walk(second, kind)  # kvm_mmu_gva_to_gpa_{read,write}
@@ -516,7 +510,7 @@ class VCpu:
                 gpa2 = w.gpa
             else:
                 gpa2 = second & 0xFFFFFFFF if not self.efer & paging.EFER_LMA else second
-        r2 = self._emulate(second, gpa2, kind, size - first, d2, 0)
+        r2 = self._emulate_as_mmu(second, gpa2, kind, size - first, d2, 0)
         joined = (r1.data or b"") + (r2.data or b"") if kind != "write" else None
         return AccessResult(
             joined,

@@ -60,10 +60,12 @@ def test_access_crossing_a_page_is_split() -> None:
     assert vcpu.access(0x400FFC, "read", 8).data == b"ABCDEFGH"
 
 
-def test_page_crossing_write_faulting_on_the_second_page_writes_nothing() -> None:
+@pytest.mark.parametrize("tdp", [True, False])
+def test_page_crossing_write_faulting_on_the_second_page_writes_nothing(tdp: bool) -> None:
     """A faulting x86 instruction commits nothing: the guest #PF on the second
-    half leaves the first half's bytes unwritten, and CR2 is the second half."""
-    vm = make_vm()
+    half leaves the first half's bytes unwritten, and CR2 is the second half
+    (TDP and shadow paging alike)."""
+    vm = make_vm(tdp=tdp)
     _long_mode(vm)  # maps gva 0x400000..0x40FFFF
     vcpu = vm.vcpus[0]
     vm.write_guest(0x40FFFC, b"\x00" * 4)
@@ -90,6 +92,28 @@ def test_page_crossing_write_both_halves_native_after_faults() -> None:
     assert r.fault is None and not r.emulated and r.exits == 2  # one EPT violation per page
     assert vm.read_guest(0x1FFC, 8) == b"ABCDEFGH"
     assert vcpu.access(0x1FFC, "read", 8).exits == 0
+
+
+@pytest.mark.parametrize("tracked", [0x400, 0x401])
+def test_shadow_page_crossing_write_into_a_tracked_page_is_emulated_whole(tracked: int) -> None:
+    """Shadow paging: if either half needs emulation KVM emulates the whole
+    instruction, one emulator_write_phys (and notification) per half."""
+    vm = make_vm(tdp=False)
+    _long_mode(vm)
+    log: list[tuple[int, bytes]] = []
+
+    class Rec:
+        @kvmmu.hookimpl
+        def kvmmu_track_write(self, gpa: int, new: bytes) -> None:
+            log.append((gpa, new))
+
+    vm.register_plugin(Rec(), "rec")
+    vm.write_track_add_gfn(tracked)
+    r = vm.vcpus[0].access(0x400FFA, "write", 8, b"ABCDEFGH")
+    assert r.fault is None and r.emulated
+    assert log == [(0x400FFA, b"ABCDEF"), (0x401000, b"GH")]
+    assert vm.read_guest(0x400FFA, 8) == b"ABCDEFGH"
+    assert vm.check_invariants() == []
 
 
 def test_unclaimed_mmio_read_is_all_ones_and_exits() -> None:

@@ -45,7 +45,7 @@ from kvmmu.quirks import KVM_X86_QUIRK_SLOT_ZAP_ALL
 if TYPE_CHECKING:
     import numpy as np
     from kvmmu.memslot import Memslot
-    from kvmmu.vcpu import AccessResult, VCpu
+    from kvmmu.vcpu import AccessResult, Resolved, VCpu
 
 __all__ = ["MAX_EXITS", "FaultStep", "MmuLockContended", "ShadowMmu", "drive"]
 
@@ -323,10 +323,21 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         vCPU's emulator (``x86_emulate_instruction``), unless the retry rule
         unprotects the gfn and the access runs again (:mod:`kvmmu.emulate`).
         """
+        res = self.resolve(vcpu, gva, kind)
+        if res.result is not None:
+            return res.result
+        if res.emulate:
+            assert res.gpa is not None
+            return self.emulate(vcpu, gva, res.gpa, kind, size, data, res.exits)
+        return self.complete(vcpu, gva, kind, size, data, res)
+
+    def resolve(self, vcpu: VCpu, gva: int, kind: str) -> Resolved:
+        """The hardware walk of the shadow root and the fault loop for ``gva``,
+        until the shadow SPTE allows the access, the fault path says EMULATE,
+        or the guest takes an exception; nothing is read or written."""
         from kvmmu.emulate import retry_instead_of_emulate
         from kvmmu.errors import GuestFault
-        from kvmmu.memtype import pat_index, pat_type
-        from kvmmu.vcpu import AccessResult
+        from kvmmu.vcpu import AccessResult, Resolved
 
         write = kind == "write"
         fetch = kind == "fetch"
@@ -336,7 +347,8 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
         if paging_on and not vcpu.efer & paging.EFER_LMA:
             gva &= 0xFFFFFFFF
         if paging_on and not paging.canonical(gva, bool(vcpu.cr4 & paging.CR4_LA57)):
-            return AccessResult(None, GuestFault(paging.GP_VECTOR, 0, gva), None, None, None)
+            fault = GuestFault(paging.GP_VECTOR, 0, gva)
+            return Resolved(None, 0, result=AccessResult(None, fault, None, None, None))
         while True:
             root = self.reload(vcpu)
             err, sp, i, spte = self.hw_walk(vcpu, root, gva, write, fetch)
@@ -345,21 +357,7 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
                 size_mask = (S.KVM_PAGES_PER_HPAGE(level) << 12) - 1
                 gfn = self.leaf_gfn(sp, i) + ((gva & size_mask) >> 12)
                 gpa = (gfn << 12) | (gva & 0xFFF)
-                hpa = (spte & S.SPTE_BASE_ADDR_MASK & ~size_mask) + (gva & size_mask)
-                new = spte | self.fmt.accessed_mask
-                if write:
-                    new |= self.fmt.dirty_mask
-                if new != spte:
-                    self._data[sp.idx, i] = new
-                out = vcpu._touch(hpa, size, data)
-                gpat = None
-                if paging_on:
-                    g = sp.gpat.get(i, 0)
-                    gpat = pat_type(vcpu.pat, pat_index(g >> 2, (g >> 1) & 1, g & 1))
-                memtype = self.vm.hooks.effective_memtype(vcpu, new, gpat, hpa)
-                vcpu._trace(kind, gva, gpa, hpa, new, memtype.name, "ok")
-                self.vm.stats["accesses"] += 1
-                return AccessResult(out, None, gpa, hpa, memtype, new, level, exits=exits)
+                return Resolved(gpa, exits, spte=spte, level=level, sp=(sp, i))
             exits += 1
             if exits > MAX_EXITS:
                 raise KvmError(errno.EFAULT, f"shadow fault on gva {gva:#x} did not converge")
@@ -367,18 +365,62 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
             if st.fault is not None:
                 fault, st.fault = st.fault, None
                 vcpu._trace(kind, gva, None, None, None, None, "guest_fault")
-                return AccessResult(None, fault, None, None, None, exits=exits)
+                return Resolved(
+                    None, exits, result=AccessResult(None, fault, None, None, None, exits=exits)
+                )
             if r == RET_PF_EMULATE:
                 # x86_emulate_instruction may unprotect the gfn and re-enter
                 # the guest instead (kvmmu.emulate; cr2_or_gpa is the gva).
                 assert st.gpa is not None
                 if retry_instead_of_emulate(vcpu, gva, st.gpa, write):
                     continue
-                self._writer = vcpu
-                try:
-                    return vcpu._emulate(gva, st.gpa, kind, size, data, exits)  # type: ignore[arg-type]
-                finally:
-                    self._writer = None
+                return Resolved(st.gpa, exits, emulate=True)
+
+    def complete(
+        self, vcpu: VCpu, gva: int, kind: str, size: int, data: bytes | None, res: Resolved
+    ) -> AccessResult:
+        """The CPU completes the access through the shadow SPTE ``res`` found:
+        A (and D on a write) in the leaf, the bytes, the memory type."""
+        from kvmmu.memtype import pat_index, pat_type
+        from kvmmu.vcpu import AccessResult
+
+        assert res.sp is not None and res.gpa is not None
+        sp, i = res.sp
+        spte, level, gpa = res.spte, res.level, res.gpa
+        size_mask = (S.KVM_PAGES_PER_HPAGE(level) << 12) - 1
+        hpa = (spte & S.SPTE_BASE_ADDR_MASK & ~size_mask) + (gva & size_mask)
+        new = spte | self.fmt.accessed_mask
+        if kind == "write":
+            new |= self.fmt.dirty_mask
+        if new != spte:
+            self._data[sp.idx, i] = new
+        out = vcpu._touch(hpa, size, data)
+        gpat = None
+        if vcpu.cr0 & paging.CR0_PG:
+            g = sp.gpat.get(i, 0)
+            gpat = pat_type(vcpu.pat, pat_index(g >> 2, (g >> 1) & 1, g & 1))
+        memtype = self.vm.hooks.effective_memtype(vcpu, new, gpat, hpa)
+        vcpu._trace(kind, gva, gpa, hpa, new, memtype.name, "ok")
+        self.vm.stats["accesses"] += 1
+        return AccessResult(out, None, gpa, hpa, memtype, new, level, exits=res.exits)
+
+    def emulate(
+        self,
+        vcpu: VCpu,
+        gva: int,
+        gpa: int,
+        kind: str,
+        size: int,
+        data: bytes | None,
+        exits: int,
+    ) -> AccessResult:
+        """``x86_emulate_instruction`` on this vCPU (its writes are the ones
+        ``kvm_mmu_track_write`` attributes to it)."""
+        self._writer = vcpu
+        try:
+            return vcpu._emulate(gva, gpa, kind, size, data, exits)  # type: ignore[arg-type]
+        finally:
+            self._writer = None
 
     # ------------------------------------------------------------- INVLPG
     def invlpg(self, vcpu: VCpu, gva: int) -> None:
