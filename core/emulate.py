@@ -95,7 +95,7 @@ def retry_instead_of_emulate(vcpu: VCpu, addr: int, gpa: int, write: bool) -> bo
         vcpu.last_retry_eip, vcpu.last_retry_addr = rip, addr
         # kvm_mmu_gva_to_gpa_write gives the fault's gpa (same walk, same
         # access); kvm_mmu_unprotect_page's result is ignored: always retry.
-        _unprotect(vcpu, gpa >> 12)
+        vm.mmu.unprotect_page(gpa >> 12)
         vm.stats["emulation_retries"] += 1
         return True
     # 6.12+: RET_PF_WRITE_PROTECTED only from page_fault_handle_page_track or a
@@ -114,19 +114,10 @@ def retry_instead_of_emulate(vcpu: VCpu, addr: int, gpa: int, write: bool) -> bo
         return False
     # mmu.c: kvm_mmu_unprotect_gfn_and_retry: nothing to do without indirect
     # shadow pages (TDP); retry iff a shadow page was zapped, then arm the guard.
-    if not getattr(vm.mmu, "indirect_shadow_pages", 0):
+    if not vm.mmu.indirect_shadow_pages:
         return False
-    if not _unprotect(vcpu, gpa >> 12):
+    if not vm.mmu.unprotect_page(gpa >> 12):
         return False
     vcpu.last_retry_eip, vcpu.last_retry_addr = rip, addr
     vm.stats["emulation_retries"] += 1
     return True
-
-
-def _unprotect(vcpu: VCpu, gfn: int) -> bool:
-    """``kvm_mmu_unprotect_page`` (mmu.c): zap the valid indirect sps of ``gfn``.
-
-    A TDP MMU has none (the model has no nested guests): nothing is zapped.
-    """
-    unprotect = getattr(vcpu.vm.mmu, "unprotect_page", None)
-    return bool(unprotect(gfn)) if unprotect is not None else False

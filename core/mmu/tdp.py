@@ -367,6 +367,16 @@ class TdpBase:
         if hull is not None:
             self.vm.hooks.flush_remote_tlbs_range(hull[0], hull[1] - hull[0])
 
+    # -------------------------------------------------- indirect shadow pages
+    #: ``kvm->arch.indirect_shadow_pages``: a TDP-only VM (no nested guests in
+    #: the model) has none.
+    indirect_shadow_pages = 0
+
+    def unprotect_page(self, gfn: int) -> bool:
+        """``kvm_mmu_unprotect_page``: zap the indirect sps of ``gfn``; a TDP
+        MMU has none, so nothing is zapped (returns False)."""
+        return False
+
     # ------------------------------------------------------------ mmu_try_to_unsync
     def try_unsync(self, slot: Memslot, gfn: int, can_unsync: bool, prefetch: bool) -> int:
         """``mmu_try_to_unsync_pages``: -EPERM (non-zero) for a write-tracked gfn.
