@@ -294,9 +294,9 @@ class VmInstance:
         """``vm.check_invariants()`` plus: each checked gva's SPTE translation
         is the guest's current one (no SPTE maps a gfn the guest removed)."""
         out = list(self.vm.check_invariants())
-        mmu = self.vm.mmu
-        if not getattr(mmu, "shadow", True) or not self.gvas:
+        if not self.vm.mmu.shadow or not self.gvas:
             return out
+        mmu = self.vm.shadow_mmu()
         for vcpu in self.vm.vcpus:
             root = mmu.vstate(vcpu).root
             if root is None:

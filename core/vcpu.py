@@ -16,7 +16,7 @@ import errno
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from kvmmu import paging
 from kvmmu.errors import GuestFault, KvmError
@@ -26,6 +26,8 @@ from kvmmu.pml import PmlLog
 if TYPE_CHECKING:
     from kvmmu.emulate import Insn
     from kvmmu.memtype import MemType
+    from kvmmu.mmu import TdpMmu
+    from kvmmu.mmu.shadow import ShadowMmu
     from kvmmu.vm import VM
 
 __all__ = ["AccessResult", "Kind", "Resolved", "TraceEvent", "VCpu"]
@@ -365,7 +367,7 @@ class VCpu:
         """The emulator, entered the way the vCPU's MMU enters it."""
         mmu = self.vm.mmu
         if mmu.shadow:
-            return mmu.emulate(self, gva, gpa, kind, size, data, exits)
+            return cast("ShadowMmu", mmu).emulate(self, gva, gpa, kind, size, data, exits)
         return self._emulate(gva, gpa, kind, size, data, exits)
 
     def _resolve(self, gva: int, kind: Kind) -> Resolved:
@@ -377,9 +379,9 @@ class VCpu:
         from kvmmu.mmu import RET_PF_EMULATE
 
         vm = self.vm
-        mmu = vm.mmu
-        if mmu.shadow:
-            return mmu.resolve(self, gva, kind)
+        if vm.mmu.shadow:
+            return cast("ShadowMmu", vm.mmu).resolve(self, gva, kind)
+        mmu = cast("TdpMmu", vm.mmu)
         write = kind == "write"
         fetch = kind == "fetch"
         exits = 0
@@ -423,9 +425,9 @@ class VCpu:
     ) -> AccessResult:
         """The CPU completes the access through the SPTE ``res`` found."""
         vm = self.vm
-        mmu = vm.mmu
-        if mmu.shadow:
-            return mmu.complete(self, gva, kind, size, data, res)
+        if vm.mmu.shadow:
+            return cast("ShadowMmu", vm.mmu).complete(self, gva, kind, size, data, res)
+        mmu = cast("TdpMmu", vm.mmu)
         write = kind == "write"
         gpa, spte, level = res.gpa, res.spte, res.level
         assert gpa is not None

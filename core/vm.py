@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kvmmu.config import VMConfig, parse_config
@@ -29,6 +29,10 @@ from kvmmu.quirks import (
 )
 from kvmmu.spte import MMIO_SPTE_GEN_MASK
 from kvmmu.vcpu import VCpu
+
+if TYPE_CHECKING:
+    from kvmmu.mmu import TdpMmu
+    from kvmmu.mmu.shadow import ShadowMmu
 
 __all__ = ["VM"]
 
@@ -130,7 +134,7 @@ class VM:
             mask &= ~bit
         return mask
 
-    def _make_mmu(self) -> Any:
+    def _make_mmu(self) -> TdpMmu | ShadowMmu:
         if self.config.tdp:
             from kvmmu.mmu import TdpMmu
 
@@ -138,6 +142,27 @@ class VM:
         from kvmmu.mmu.shadow import ShadowMmu
 
         return ShadowMmu(self)
+
+    def tdp_mmu(self) -> TdpMmu:
+        """The VM's TDP MMU, for what only exists with TDP (an IOMMU sharing
+        the tables, SPTE walks); EOPNOTSUPP naming the need under shadow paging."""
+        from kvmmu.mmu import TdpMmu
+
+        if not isinstance(self.mmu, TdpMmu):
+            raise KvmError(
+                errno.EOPNOTSUPP, "this needs the TDP MMU (config tdp = true); the VM shadows"
+            )
+        return self.mmu
+
+    def shadow_mmu(self) -> ShadowMmu:
+        """The VM's shadow MMU; EOPNOTSUPP naming the need under TDP."""
+        from kvmmu.mmu.shadow import ShadowMmu
+
+        if not isinstance(self.mmu, ShadowMmu):
+            raise KvmError(
+                errno.EOPNOTSUPP, "this needs shadow paging (config tdp = false); the VM uses TDP"
+            )
+        return self.mmu
 
     def _memslots_updated(self, as_id: int, gen: int) -> None:
         """``kvm_arch_memslots_updated`` -> ``kvm_mmu_invalidate_mmio_sptes``.
@@ -373,10 +398,7 @@ class VM:
                 # ALIGN(start << PAGE_SHIFT, PMD_SIZE) != ALIGN(end << PAGE_SHIFT, PMD_SIZE)
                 if -(-start // 512) != -(-end // 512):
                     self.mmu.write_protect_gfn(slot, end, 2)
-        if self.config.tdp:
-            self.mmu.write_protect_gfns(gfns, slot.as_id)
-        else:
-            self.mmu.write_protect_gfns(gfns)
+        self.mmu.write_protect_gfns(gfns, slot.as_id)
 
     # guest memory, host side --------------------------------------------
     def gpa_to_hva(self, gpa: int) -> int:

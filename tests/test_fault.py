@@ -546,3 +546,17 @@ def test_smm_mmio_spte_uses_the_vcpu_address_space_generation() -> None:
     assert vm.mmu.page_fault(v, gpa, PFERR_RSVD_MASK, as_id=1) == RET_PF_EMULATE
     assert vm.stats["pf_taken"] == taken
     assert vm.mmu.translate(gpa, as_id=1)[0] == spte
+
+
+def test_tdp_and_shadow_mmu_accessors_name_what_is_needed() -> None:
+    """vm.tdp_mmu() / vm.shadow_mmu(): the MMU when the VM has it, else
+    EOPNOTSUPP saying which config it needs."""
+    tdp = kvmmu.VM(kvmmu.VMConfig(vendor="vmx"))
+    shadow = kvmmu.VM(kvmmu.VMConfig(vendor="vmx", tdp=False))
+    assert tdp.tdp_mmu() is tdp.mmu and shadow.shadow_mmu() is shadow.mmu
+    with pytest.raises(kvmmu.KvmError) as ei:
+        shadow.tdp_mmu()
+    assert ei.value.errno == errno.EOPNOTSUPP and "tdp = true" in str(ei.value)
+    with pytest.raises(kvmmu.KvmError) as ei:
+        tdp.shadow_mmu()
+    assert ei.value.errno == errno.EOPNOTSUPP and "tdp = false" in str(ei.value)

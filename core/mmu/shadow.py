@@ -601,8 +601,9 @@ class ShadowMmu(ShadowFetch, MmuNotifierMixin):
                     lo, hi = min(lo, key), max(hi, key + 1)
         self._flush_hull((lo, hi))
 
-    def write_protect_gfns(self, gfns: np.ndarray) -> None:
-        """``kvm_arch_mmu_enable_log_dirty_pt_masked``: clear W on the harvested gfns."""
+    def write_protect_gfns(self, gfns: np.ndarray, as_id: int = 0) -> None:
+        """``kvm_arch_mmu_enable_log_dirty_pt_masked``: clear W on the harvested gfns
+        (the shadow MMU models address space 0 only)."""
         self._need_lock("kvm_mmu_write_protect_pt_masked")
         lo, hi = self.max_gfn + 1, 0
         for g in (int(x) for x in gfns):

@@ -120,7 +120,7 @@ class IommuPlugin:
             )
         except ValueError as e:
             raise KvmError(errno.EOPNOTSUPP, f"HWPT_ALLOC(KVM): {e}") from None
-        mmu = self.vm.mmu
+        mmu = self.vm.tdp_mmu()
         return self.iommufd.hwpt_alloc_kvm(
             dev_id, fd, fmt, int(mmu.root_level), lambda hpa: mmu.pool.table(hpa)
         )
@@ -231,7 +231,7 @@ class IommuPlugin:
         if not live:
             return
         self.stats["t4_fast_zaps"] += 1
-        mmu = self.vm.mmu
+        mmu = self.vm.tdp_mmu()  # a live KVM HWPT exists only with TDP (T1)
         for fd in live:
             root = self._root_of(fd)
             if root is None:
@@ -245,7 +245,7 @@ class IommuPlugin:
 
     def _root_of(self, fd: KvmTdpFd) -> Any:
         """The MMU's valid root whose hpa is ``fd.root_hpa``, or None."""
-        mmu = self.vm.mmu
+        mmu = self.vm.tdp_mmu()
         for r in mmu.roots:
             if not r.invalid and int(mmu.pool.hpa(r.idx)) == fd.root_hpa:
                 return r

@@ -230,7 +230,7 @@ class KvmTdpFd:
             return self._fail("no-memslot", -errno.EFAULT)
         retry, fixed = _ret_pf()
         for _ in range(self.max_retries + 1):
-            r = int(vm.mmu.page_fault(None, gfn << PAGE_SHIFT, err))
+            r = int(vm.tdp_mmu().page_fault(None, gfn << PAGE_SHIFT, err))
             if r != retry:
                 return 0 if r == fixed else self._fail(f"ret_pf_{r}", -errno.EFAULT)
         return self._fail("retry-budget", -errno.EFAULT)
