@@ -70,6 +70,13 @@ class ShadowPpgtt(VgpuGtt):
                 se, st = self.get_shadow(spt, index)
                 self.remove_entry(spt, se, st, index)
                 self.set_shadow(spt, index, gtt.set_pfn(se, st, self.scratch_pt[spt.shadow_type]))
+            else:
+                # The bit is already set and a full write since the first half
+                # does not clear it (gtt.c ppgtt_handle_guest_write_page_table
+                # leaves post_shadow_bitmap alone): the kernel keeps the shadow
+                # the full write made while the guest entry changes, until the
+                # flush re-reads it. Model bookkeeping for the invariants.
+                spt.stale.add(index)
         except KvmError:
             spt.stale.add(index)
             raise
