@@ -158,10 +158,10 @@ def kvmmu_pae_pdptes_in_registers(vm: VM) -> bool | None:
     """Return whether the CPU walks a PAE guest's tables from the four PDPTEs
     loaded at CR3 load rather than from the PDPT in memory.
 
-    Called on every guest walk under PAE paging with TDP. VMX with EPT keeps
-    them in the VMCS (``GUEST_PDPTRn``, loaded from ``mmu->pdptrs`` by
-    ``ept_load_pdptrs``; SDM Vol 3A §4.4.1); SVM with NPT reads the PDPT from
-    memory. Shadow paging always uses KVM's cached copies.
+    Called once, when the VM is created (the answer is fixed for the VM).
+    VMX with EPT keeps them in the VMCS (``GUEST_PDPTRn``, loaded from
+    ``mmu->pdptrs`` by ``ept_load_pdptrs``; SDM Vol 3A §4.4.1); SVM with NPT
+    reads the PDPT from memory. Shadow paging always uses KVM's cached copies.
 
     firstresult: only the vendor implements it; None means False.
     """

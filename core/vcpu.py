@@ -279,7 +279,7 @@ class VCpu:
         """The guest-table reader for a walk: PAE with TDP on a CPU that keeps the
         PDPTEs in registers (VMX: ``GUEST_PDPTRn``) answers them from
         :attr:`pdptrs`, everything else comes from guest memory."""
-        if not (self._pae_paging() and self.vm.hooks.pae_pdptes_in_registers()):
+        if not (self._pae_paging() and self.vm.pae_pdptes_in_registers):
             return self._read_gpte
         base = self.cr3 & 0xFFFFFFE0
         cached = self.pdptrs

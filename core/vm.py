@@ -85,6 +85,9 @@ class VM:
         for rp in resolved:
             self.plugins.register(rp.cls(self, rp.config), rp.name)
         self.spte_format = self.hooks.spte_format()
+        #: The CPU walks PAE guests from PDPTE registers (``kvmmu_pae_pdptes_in_registers``;
+        #: fixed for the VM, asked once rather than on every walk).
+        self.pae_pdptes_in_registers = self.hooks.pae_pdptes_in_registers()
         self.mmu = self._make_mmu()
         self.host.register_notifier(self.mmu)
         self.memslots.memslots_updated.append(self._memslots_updated)
