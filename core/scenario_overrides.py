@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
 from typing import Any
 
 from kvmmu.errors import ConfigError
@@ -26,15 +27,12 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_.]*\s*=)")
 
 
+@dataclass
 class Variant:
     """A named set of VM-config settings (one ``--variant``)."""
 
-    def __init__(self, name: str, settings: dict[str, Any]) -> None:
-        self.name = name
-        self.settings = settings
-
-    def __repr__(self) -> str:
-        return f"Variant({self.name!r}, {self.settings!r})"
+    name: str
+    settings: dict[str, Any]
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
